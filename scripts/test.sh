@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, lints, proto lint, and every Rust test (unit and end-to-end,
+# including the grpcurl and generated-Python-client tests). Needs redis-server, python3 and npm;
+# installs grpcurl, grpcio-tools and buf into .tools/ itself.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  echo "error: redis-server is not installed; install it with: sudo apt-get install -y redis-server" >&2
+  exit 1
+fi
+
+echo "==> tools"
+scripts/install-tools.sh
+
+echo "==> cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "==> cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+echo "==> buf lint (STANDARD + COMMENTS)"
+.tools/node_modules/.bin/buf lint
+
+echo "==> cargo test"
+cargo test --workspace

@@ -1,0 +1,45 @@
+--[[
+  complete: finishes live leases successfully. The item is forgotten at once, or kept with its
+  result for the retention period (then Redis expires it).
+
+  KEYS[1] <prefix>:{<queue>}:leased
+  KEYS[2] <prefix>:{<queue>}:meta
+
+  ARGV[1] item key prefix
+  ARGV[2] completed-item retention (ms, 0 = forget at once)
+  then 3 values per completion: id, token, result ('' = none)
+
+  Returns {ok_1, ..., ok_N}: ok_i is 1 when lease i was live and the item completed, else 0.
+]]
+
+local k_leased, k_meta = KEYS[1], KEYS[2]
+local item_prefix, retention_ms = ARGV[1], tonumber(ARGV[2])
+local now = now_ms()
+local result = {}
+local done = 0
+for i = 3, #ARGV, 3 do
+  local id, token, res = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local item_key = item_prefix .. id
+  local f = redis.call('HMGET', item_key, 's', 'k')
+  if f[1] == 'l' and f[2] == token then
+    redis.call('ZREM', k_leased, id)
+    if retention_ms > 0 then
+      redis.call('HSET', item_key, 's', 'c', 'ct', now)
+      redis.call('HDEL', item_key, 'x', 'k')
+      if res ~= '' then
+        redis.call('HSET', item_key, 'res', res)
+      end
+      redis.call('PEXPIRE', item_key, retention_ms)
+    else
+      redis.call('DEL', item_key)
+    end
+    done = done + 1
+    result[#result + 1] = 1
+  else
+    result[#result + 1] = 0
+  end
+end
+if done > 0 then
+  redis.call('HINCRBY', k_meta, 'done', done)
+end
+return result

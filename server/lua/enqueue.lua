@@ -1,0 +1,83 @@
+--[[
+  enqueue: adds a batch of items to one queue, all or nothing.
+
+  An id the queue still stores (in any state) is not added again and is flagged as a duplicate,
+  also when it repeats within the batch. Items with a due time in the future go to the delayed
+  set, the others to the ready set; waiters are notified once per call.
+
+  KEYS[1] <prefix>:{<queue>}:ready    sorted set, see lib.lua
+  KEYS[2] <prefix>:{<queue>}:delayed  sorted set of ids by due time (ms)
+  KEYS[3] <prefix>:{<queue>}:meta     hash of counters and flags
+
+  ARGV[1] item key prefix, <prefix>:{<queue>}:i:
+  ARGV[2] notification channel
+  ARGV[3] queue name (notification message)
+  ARGV[4] number of items N
+  then 7 values per item:
+    id, payload, priority, delay (ms, -1 = none), not_before (unix ms, -1 = none),
+    max_attempts (resolved, >= 1), headers (opaque bytes, '' = none)
+
+  Returns {status, now_ms, dup_1, ..., dup_N}:
+    status 0 = ok, 1 = the queue is sealed (nothing written)
+    dup_i  1 when item i was a duplicate, else 0
+]]
+
+local k_ready, k_delayed, k_meta = KEYS[1], KEYS[2], KEYS[3]
+local item_prefix, channel, queue = ARGV[1], ARGV[2], ARGV[3]
+local n = tonumber(ARGV[4])
+
+if redis.call('HGET', k_meta, 'sealed') == '1' then
+  return {1, 0}
+end
+
+local now = now_ms()
+local seq = tonumber(redis.call('HGET', k_meta, 'seq') or 0)
+local result = {0, now}
+local added, readied = 0, 0
+
+for i = 0, n - 1 do
+  local base = 5 + i * 7
+  local id = ARGV[base]
+  local item_key = item_prefix .. id
+  if redis.call('EXISTS', item_key) == 1 then
+    result[#result + 1] = 1
+  else
+    result[#result + 1] = 0
+    seq = seq + 1
+    added = added + 1
+    local priority = tonumber(ARGV[base + 2])
+    local delay, not_before = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4])
+    local due = now
+    if delay >= 0 then
+      due = now + delay
+    elseif not_before >= 0 then
+      due = not_before
+    end
+    local fields = {'p', ARGV[base + 1], 'a', 0, 'm', ARGV[base + 5], 'pr', priority,
+      'n', seq, 'e', now}
+    if ARGV[base + 6] ~= '' then
+      fields[#fields + 1] = 'h'
+      fields[#fields + 1] = ARGV[base + 6]
+    end
+    if due > now then
+      fields[#fields + 1] = 's'
+      fields[#fields + 1] = 'd'
+      fields[#fields + 1] = 't'
+      fields[#fields + 1] = due
+      redis.call('ZADD', k_delayed, due, id)
+    else
+      fields[#fields + 1] = 's'
+      fields[#fields + 1] = 'r'
+      redis.call('ZADD', k_ready, -priority, ready_member(seq, id))
+      readied = readied + 1
+    end
+    redis.call('HSET', item_key, unpack(fields))
+  end
+end
+
+if added > 0 then
+  redis.call('HSET', k_meta, 'seq', seq)
+  redis.call('HINCRBY', k_meta, 'enq', added)
+end
+notify_ready(channel, queue, readied)
+return result

@@ -1,0 +1,51 @@
+//! The `wq-server` binary: parse flags, set up logging, bind, and run [`wq_server::serve`].
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use wq_server::config::{Config, LogFormat};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    init_tracing(config.log_format);
+
+    // Kept alive for the whole run: dropping it stops the private Redis.
+    let mut dev_redis = None;
+    let redis_url = if config.dev {
+        let redis = wq_server::dev::RedisProcess::start()
+            .await
+            .context("--dev needs a local redis-server")?;
+        tracing::info!(url = %redis.url(), "dev mode: started a private redis-server (no persistence)");
+        let url = redis.url();
+        dev_redis = Some(redis);
+        url
+    } else {
+        config.redis_url.clone()
+    };
+    let client = redis::Client::open(redis_url.as_str())
+        .with_context(|| format!("invalid --redis-url {redis_url:?}"))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    wq_server::serve(
+        listener,
+        client,
+        config.broker,
+        wq_server::shutdown::signal(),
+    )
+    .await?;
+    if let Some(mut redis) = dev_redis {
+        redis.kill().await;
+    }
+    Ok(())
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

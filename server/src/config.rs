@@ -1,0 +1,195 @@
+//! The broker's configuration: every flag of `wq-server`, each with a `WQ_…` environment
+//! fallback, and the limits the service enforces.
+
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, ValueEnum};
+
+/// Command-line configuration of `wq-server`.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "wq-server",
+    version,
+    about = "The wq work-queue broker: gRPC in front of Redis"
+)]
+pub struct Config {
+    /// Address to serve gRPC on.
+    #[arg(long, env = "WQ_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// Redis to keep all state in. Ignored with `--dev`.
+    #[arg(long, env = "WQ_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+
+    /// Start a private `redis-server` child (no persistence, data in a temporary directory)
+    /// instead of connecting to `--redis-url`: the quickest way to try wq on a laptop.
+    #[arg(long, env = "WQ_DEV")]
+    pub dev: bool,
+
+    /// Log format.
+    #[arg(long, env = "WQ_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Broker behaviour and limits.
+    #[command(flatten)]
+    pub broker: BrokerConfig,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+/// Everything that shapes the broker's behaviour, separate from where it listens so tests and
+/// embedders can build one with [`BrokerConfig::default`].
+#[derive(Debug, Clone, Args)]
+pub struct BrokerConfig {
+    /// Prefix of every Redis key (no `{` or `}`: the queue name is the hash tag).
+    #[arg(long, env = "WQ_KEY_PREFIX", default_value = "wq")]
+    pub key_prefix: String,
+
+    /// How long a Redis call may take before the RPC fails with UNAVAILABLE.
+    #[arg(long, env = "WQ_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// Lease duration when a Lease call does not give one.
+    #[arg(long, env = "WQ_DEFAULT_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub default_lease: Duration,
+
+    /// Shortest lease duration a caller may ask for.
+    #[arg(long, env = "WQ_MIN_LEASE", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub min_lease: Duration,
+
+    /// Longest lease duration a caller may ask for.
+    #[arg(long, env = "WQ_MAX_LEASE", default_value = "12h", value_parser = humantime::parse_duration)]
+    pub max_lease: Duration,
+
+    /// Longest `max_wait` of a Lease call.
+    #[arg(long, env = "WQ_MAX_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub max_wait: Duration,
+
+    /// Attempts an item gets when it is enqueued with `max_attempts` 0.
+    #[arg(long, env = "WQ_DEFAULT_MAX_ATTEMPTS", default_value_t = 5)]
+    pub default_max_attempts: u32,
+
+    /// Largest item payload, and largest completion result, in bytes.
+    #[arg(long, env = "WQ_MAX_PAYLOAD_BYTES", default_value_t = 1 << 20)]
+    pub max_payload_bytes: usize,
+
+    /// Most items in one Enqueue, and most lease ids in one ExtendLease, Complete or Release.
+    #[arg(long, env = "WQ_MAX_BATCH", default_value_t = 1000)]
+    pub max_batch: usize,
+
+    /// Most items one Lease call may ask for.
+    #[arg(long, env = "WQ_MAX_LEASE_ITEMS", default_value_t = 1000)]
+    pub max_lease_items: u32,
+
+    /// Most headers on one item.
+    #[arg(long, env = "WQ_MAX_HEADERS", default_value_t = 64)]
+    pub max_headers: usize,
+
+    /// Most bytes of all header names and values of one item together.
+    #[arg(long, env = "WQ_MAX_HEADER_BYTES", default_value_t = 16 * 1024)]
+    pub max_header_bytes: usize,
+
+    /// Longest error text kept from a Fail call; longer texts are truncated.
+    #[arg(long, env = "WQ_MAX_ERROR_BYTES", default_value_t = 4096)]
+    pub max_error_bytes: usize,
+
+    /// Largest gRPC message the broker accepts, in bytes.
+    #[arg(long, env = "WQ_MAX_MESSAGE_BYTES", default_value_t = 16 << 20)]
+    pub max_message_bytes: usize,
+
+    /// First retry delay of the exponential backoff after a Fail without `retry_delay`.
+    #[arg(long, env = "WQ_BACKOFF_BASE", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub backoff_base: Duration,
+
+    /// Growth factor of the retry backoff per attempt.
+    #[arg(long, env = "WQ_BACKOFF_FACTOR", default_value_t = 2.0)]
+    pub backoff_factor: f64,
+
+    /// Longest retry backoff.
+    #[arg(long, env = "WQ_BACKOFF_CAP", default_value = "10m", value_parser = humantime::parse_duration)]
+    pub backoff_cap: Duration,
+
+    /// How long completed items are kept, with their result, for GetItem (0 = forget at once).
+    #[arg(long, env = "WQ_COMPLETED_RETENTION", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub completed_retention: Duration,
+
+    /// Most dead letters kept per queue; the oldest are dropped first (0 = no bound).
+    #[arg(long, env = "WQ_DEAD_MAX_COUNT", default_value_t = 10_000)]
+    pub dead_max_count: u64,
+
+    /// Longest a dead letter is kept (0 = no bound).
+    #[arg(long, env = "WQ_DEAD_MAX_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub dead_max_age: Duration,
+
+    /// How often the reaper visits every known queue.
+    #[arg(long, env = "WQ_REAP_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub reap_interval: Duration,
+
+    /// Most items one reclaim, promote or trim step moves in one script call.
+    #[arg(long, env = "WQ_REAP_BATCH", default_value_t = 500)]
+    pub reap_batch: usize,
+
+    /// How often a waiting Lease re-checks its queue when no notification came (a safety net:
+    /// notifications normally wake it).
+    #[arg(long, env = "WQ_WAIT_RECHECK", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub wait_recheck: Duration,
+
+    /// How long in-flight calls may take to finish after SIGTERM.
+    #[arg(long, env = "WQ_SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        // The clap defaults are the one source of truth for default values.
+        #[derive(Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            broker: BrokerConfig,
+        }
+        Defaults::parse_from(["wq-server"]).broker
+    }
+}
+
+impl BrokerConfig {
+    /// Checks values that clap cannot check alone.
+    ///
+    /// # Errors
+    /// A message naming the flag when a value is out of range or inconsistent.
+    pub fn check(&self) -> Result<(), String> {
+        if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
+            return Err("--key-prefix must be non-empty and contain no '{' or '}'".into());
+        }
+        if self.min_lease.is_zero() || self.min_lease > self.max_lease {
+            return Err("--min-lease must be > 0 and <= --max-lease".into());
+        }
+        if self.default_lease < self.min_lease || self.default_lease > self.max_lease {
+            return Err("--default-lease must lie within [--min-lease, --max-lease]".into());
+        }
+        if self.default_max_attempts == 0 {
+            return Err("--default-max-attempts must be at least 1".into());
+        }
+        if self.max_batch == 0 || self.max_lease_items == 0 || self.reap_batch == 0 {
+            return Err(
+                "--max-batch, --max-lease-items and --reap-batch must be at least 1".into(),
+            );
+        }
+        if !(self.backoff_factor >= 1.0 && self.backoff_factor.is_finite()) {
+            return Err("--backoff-factor must be a finite number >= 1".into());
+        }
+        if self.redis_timeout.is_zero() || self.reap_interval.is_zero() {
+            return Err("--redis-timeout and --reap-interval must be > 0".into());
+        }
+        if self.wait_recheck.is_zero() {
+            return Err("--wait-recheck must be > 0".into());
+        }
+        Ok(())
+    }
+}

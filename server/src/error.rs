@@ -1,0 +1,78 @@
+//! The broker's one error type and its one mapping to gRPC status codes.
+
+use tonic::{Code, Status};
+
+/// Result of broker operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can make an RPC fail.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request is malformed; the message names the field. Nothing was written.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The named thing does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The queue's state forbids the call (for example, it is sealed).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A capacity limit was reached.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// Redis did not answer within the configured timeout, or could not be reached.
+    #[error("redis unavailable: {0}")]
+    Unavailable(String),
+    /// Redis answered something the broker did not expect: a bug or a foreign writer.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl Error {
+    /// An INVALID_ARGUMENT error about `field`.
+    pub fn invalid(field: &str, problem: impl std::fmt::Display) -> Self {
+        Self::InvalidArgument(format!("{field}: {problem}"))
+    }
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(err: redis::RedisError) -> Self {
+        // Connection-level trouble is retryable; anything else means a script or reply did not
+        // match what the broker expects.
+        if err.is_io_error()
+            || err.is_connection_dropped()
+            || err.is_connection_refusal()
+            || err.is_timeout()
+            || err.is_unrecoverable_error()
+        {
+            Self::Unavailable(err.to_string())
+        } else {
+            Self::Internal(err.to_string())
+        }
+    }
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::InvalidArgument(msg) => Status::new(Code::InvalidArgument, msg),
+            Error::NotFound(msg) => Status::new(Code::NotFound, msg),
+            Error::FailedPrecondition(msg) => Status::new(Code::FailedPrecondition, msg),
+            Error::ResourceExhausted(msg) => Status::new(Code::ResourceExhausted, msg),
+            Error::Unavailable(detail) => {
+                tracing::warn!(%detail, "redis unavailable");
+                Status::new(
+                    Code::Unavailable,
+                    "the broker cannot reach its Redis store; retry with backoff",
+                )
+            }
+            Error::Internal(detail) => {
+                tracing::error!(%detail, "internal error");
+                Status::new(
+                    Code::Internal,
+                    "internal broker error (logged by the broker)",
+                )
+            }
+        }
+    }
+}

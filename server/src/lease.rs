@@ -1,0 +1,119 @@
+//! The Lease call's waiting and cancellation logic.
+//!
+//! A Lease with `max_wait` first tries to lease; when nothing is ready it waits for a
+//! notification (see [`crate::notify`]), the due time of the earliest delayed item, a slow
+//! re-check, the caller's deadline, or broker shutdown, whichever comes first, and tries again.
+//! Each script call runs in its own task: if the caller goes away while items are being leased
+//! for it, the task gives them back at once instead of leaving them to expire.
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::{sync::oneshot, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    error::{Error, Result},
+    lease_id::LeaseId,
+    notify::Notifier,
+    store::{LeaseBatch, Store},
+};
+
+/// One validated Lease call.
+#[derive(Debug, Clone)]
+pub struct LeaseCall {
+    /// The queue.
+    pub queue: String,
+    /// Most items to grant.
+    pub max_items: u32,
+    /// The lease duration.
+    pub lease: Duration,
+    /// How long to wait for work, already capped by the caller's deadline.
+    pub max_wait: Duration,
+}
+
+/// Leases with waiting, as described in the module docs.
+///
+/// # Errors
+/// UNAVAILABLE when Redis does not answer.
+pub async fn lease_or_wait(
+    store: &Arc<Store>,
+    notifier: &Notifier,
+    call: &LeaseCall,
+    recheck: Duration,
+    shutdown: &CancellationToken,
+) -> Result<LeaseBatch> {
+    let deadline = Instant::now() + call.max_wait;
+    let notify = notifier.watch(&call.queue);
+    loop {
+        // Registered before the attempt, so a notification sent while the script runs is kept.
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+
+        let batch = lease_once(store, call).await?;
+        let now = Instant::now();
+        if !batch.items.is_empty() || now >= deadline || shutdown.is_cancelled() {
+            if batch.ready_left > 0 {
+                // More work is ready: pass the baton to the next local waiter.
+                notifier.wake(&call.queue, batch.ready_left);
+            }
+            return Ok(batch);
+        }
+        let mut wake_at = deadline.min(now + recheck);
+        if let Some(due_ms) = batch.next_due_ms {
+            let until_due = u64::try_from(due_ms.saturating_sub(batch.now_ms)).unwrap_or(0);
+            wake_at = wake_at.min(now + Duration::from_millis(until_due));
+        }
+        tokio::select! {
+            () = &mut notified => {}
+            () = tokio::time::sleep_until(wake_at) => {}
+            () = shutdown.cancelled() => {}
+        }
+    }
+}
+
+/// One lease script call that survives the caller's cancellation.
+async fn lease_once(store: &Arc<Store>, call: &LeaseCall) -> Result<LeaseBatch> {
+    let (reply, receiver) = oneshot::channel();
+    let store = Arc::clone(store);
+    let call = call.clone();
+    // A per-call random base makes every grant's token unique across calls and replicas.
+    let token_base = format!("{:016x}.", rand::random::<u64>());
+    tokio::spawn(async move {
+        let result = store
+            .lease(&call.queue, call.max_items, call.lease, &token_base)
+            .await;
+        if let Err(Ok(batch)) = reply.send(result)
+            && !batch.items.is_empty()
+        {
+            give_back(&store, &call.queue, &batch).await;
+        }
+    });
+    receiver
+        .await
+        .map_err(|_| Error::Internal("lease task ended without a reply".into()))?
+}
+
+async fn give_back(store: &Store, queue: &str, batch: &LeaseBatch) {
+    let leases: Vec<LeaseId> = batch
+        .items
+        .iter()
+        .map(|item| LeaseId {
+            queue: queue.to_owned(),
+            item_id: item.id.clone(),
+            token: item.token.clone(),
+        })
+        .collect();
+    match store.release(queue, &leases).await {
+        Ok(_) => tracing::info!(
+            queue = %queue,
+            count = leases.len(),
+            "caller went away during lease; released its items"
+        ),
+        Err(error) => tracing::warn!(
+            queue = %queue,
+            %error,
+            "caller went away during lease and releasing failed; the leases will expire"
+        ),
+    }
+}

@@ -1,0 +1,153 @@
+//! wq-server: a stateless gRPC work-queue broker in front of Redis.
+//!
+//! Every state change of an item is one Redis Lua script, so the broker holds no state of its
+//! own and any number of replicas can serve the same Redis side by side.
+//!
+//! # Layout
+//!
+//! - [`config`]: flags and limits.
+//! - [`service`]: the `wq.v1.WorkQueueService` handlers (validate, call the store, respond).
+//! - [`validate`]: request checks; errors name the field.
+//! - [`lease`]: Lease's waiting and release-on-cancel logic.
+//! - [`store`], [`scripts`], [`keys`], [`reply`]: Redis access, one method per Lua script.
+//! - [`lease_id`]: the opaque lease handle.
+//! - [`notify`], [`reaper`], [`health`]: the background tasks.
+//! - [`error`]: the error enum and its gRPC mapping.
+//! - [`dev`]: a private `redis-server` for `--dev` and tests; [`shutdown`]: signals.
+
+pub mod config;
+pub mod dev;
+pub mod error;
+pub mod health;
+pub mod keys;
+pub mod lease;
+pub mod lease_id;
+pub mod notify;
+pub mod reaper;
+pub mod reply;
+pub mod scripts;
+pub mod service;
+pub mod shutdown;
+pub mod store;
+pub mod validate;
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic_health::ServingStatus;
+use wq_proto::v1::work_queue_service_server::WorkQueueServiceServer;
+
+use crate::{config::BrokerConfig, notify::Notifier, service::Broker, store::Store};
+
+/// How often the health monitor pings Redis.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Why the broker could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The configuration is inconsistent.
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The Redis URL is invalid.
+    #[error("invalid Redis URL: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// Building reflection failed.
+    #[error("building reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Serves the broker on `listener` until `shutdown` resolves, then lets in-flight calls finish
+/// (waiting Leases return empty) within the configured grace period.
+///
+/// # Errors
+/// [`ServeError`] when the configuration is invalid or the server fails.
+pub async fn serve(
+    listener: TcpListener,
+    redis: redis::Client,
+    config: BrokerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    config.check().map_err(ServeError::Config)?;
+    let config = Arc::new(config);
+    let store = Arc::new(Store::new(redis.clone(), Arc::clone(&config))?);
+    let notifier = Arc::new(Notifier::default());
+    let stop = CancellationToken::new();
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    // tonic-health starts the overall service as SERVING; nothing is served until Redis answers.
+    health::set_all(&health_reporter, ServingStatus::NotServing).await;
+    let background = [
+        tokio::spawn(health::monitor(
+            Arc::clone(&store),
+            health_reporter,
+            HEALTH_INTERVAL,
+            stop.clone(),
+        )),
+        tokio::spawn(notify::listen(
+            redis,
+            store.notify_channel().to_owned(),
+            Arc::clone(&notifier),
+            config.redis_timeout,
+            stop.clone(),
+        )),
+        tokio::spawn(reaper::run(
+            Arc::clone(&store),
+            Arc::clone(&notifier),
+            config.reap_interval,
+            stop.clone(),
+        )),
+    ];
+
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(wq_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // grpcurl 1.8 speaks only v1alpha reflection; newer tools use v1.
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
+
+    let broker = Broker::new(
+        Arc::clone(&store),
+        Arc::clone(&config),
+        notifier,
+        stop.clone(),
+    );
+    let service = WorkQueueServiceServer::new(broker)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+
+    let address = listener.local_addr().ok();
+    tracing::info!(address = ?address, "wq-server listening");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let stopping = stop.clone();
+    let grace = config.shutdown_grace;
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight calls");
+            stopping.cancel();
+        });
+    tokio::pin!(server);
+    let result = tokio::select! {
+        result = &mut server => result,
+        () = async { stop.cancelled().await; tokio::time::sleep(grace).await } => {
+            tracing::warn!("shutdown grace period over; dropping remaining calls");
+            Ok(())
+        }
+    };
+    stop.cancel();
+    for task in background {
+        let _ = task.await;
+    }
+    tracing::info!("wq-server stopped");
+    Ok(result?)
+}

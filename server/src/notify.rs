@@ -1,0 +1,159 @@
+//! Long-poll wake-ups. Scripts that make items ready publish `<count>:<queue>` on the broker's
+//! channel; one subscriber task per broker process turns each message into in-process
+//! notifications for the Lease calls waiting on that queue, so idle waiters never poll Redis.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, Weak},
+    time::Duration,
+};
+
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+/// Most waiters one message wakes (a batch of thousands of items need not wake more).
+const MAX_WAKE_PER_MESSAGE: u64 = 1024;
+
+/// Per-queue wake-up points shared by the waiting Lease calls of this process.
+#[derive(Debug, Default)]
+pub struct Notifier {
+    queues: Mutex<HashMap<String, Weak<Notify>>>,
+}
+
+impl Notifier {
+    /// The wake-up point of `queue`; waiters hold the returned `Arc` while they wait.
+    pub fn watch(&self, queue: &str) -> Arc<Notify> {
+        let Ok(mut queues) = self.queues.lock() else {
+            // A poisoned map only means another thread panicked mid-update; a private Notify
+            // still works through the waiter's timed re-check.
+            return Arc::new(Notify::new());
+        };
+        if let Some(existing) = queues.get(queue).and_then(Weak::upgrade) {
+            return existing;
+        }
+        // Forget queues nobody waits on any more before adding one.
+        queues.retain(|_, weak| weak.strong_count() > 0);
+        let notify = Arc::new(Notify::new());
+        queues.insert(queue.to_owned(), Arc::downgrade(&notify));
+        notify
+    }
+
+    fn get(&self, queue: &str) -> Option<Arc<Notify>> {
+        self.queues.lock().ok()?.get(queue).and_then(Weak::upgrade)
+    }
+
+    /// True when some Lease call of this process waits on `queue`.
+    pub fn has_waiters(&self, queue: &str) -> bool {
+        self.get(queue).is_some()
+    }
+
+    /// Wakes up to `count` waiters of `queue`: one per item that became ready, so a single
+    /// item does not send every waiter to Redis.
+    pub fn wake(&self, queue: &str, count: u64) {
+        if let Some(notify) = self.get(queue) {
+            for _ in 0..count.min(MAX_WAKE_PER_MESSAGE) {
+                notify.notify_one();
+            }
+        }
+    }
+
+    /// Wakes every waiter of every queue, after notifications may have been missed.
+    pub fn wake_all(&self) {
+        let live: Vec<Arc<Notify>> = match self.queues.lock() {
+            Ok(queues) => queues.values().filter_map(Weak::upgrade).collect(),
+            Err(_) => return,
+        };
+        for notify in live {
+            notify.notify_waiters();
+        }
+    }
+}
+
+/// Parses a notification message `<count>:<queue>`.
+fn parse_message(payload: &[u8]) -> Option<(u64, &str)> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let (count, queue) = text.split_once(':')?;
+    Some((count.parse().ok()?, queue))
+}
+
+/// Subscribes to the notification channel until `stop`, reconnecting with backoff. After every
+/// (re)subscription all waiters re-check, since messages sent meanwhile are lost.
+pub async fn listen(
+    client: redis::Client,
+    channel: String,
+    notifier: Arc<Notifier>,
+    connect_timeout: Duration,
+    stop: CancellationToken,
+) {
+    let mut backoff = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        let connect = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let pubsub = match tokio::time::timeout(connect_timeout, connect).await {
+            Ok(Ok(pubsub)) => pubsub,
+            failure => {
+                let detail = match failure {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "timed out".to_owned(),
+                };
+                tracing::debug!(%detail, "notification subscriber cannot connect; retrying");
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        tracing::debug!(%channel, "subscribed to ready notifications");
+        notifier.wake_all();
+        let mut messages = pubsub.into_on_message();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                message = messages.next() => match message {
+                    Some(message) => {
+                        if let Some((count, queue)) = parse_message(message.get_payload_bytes()) {
+                            notifier.wake(queue, count);
+                        }
+                    }
+                    None => {
+                        tracing::warn!("notification subscription lost; reconnecting");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_count_and_queue() {
+        assert_eq!(parse_message(b"3:job2"), Some((3, "job2")));
+        assert_eq!(parse_message(b"x:job2"), None);
+        assert_eq!(parse_message(b"nocolon"), None);
+    }
+
+    #[tokio::test]
+    async fn wake_reaches_a_registered_waiter_and_stale_queues_are_forgotten() {
+        let notifier = Notifier::default();
+        let notify = notifier.watch("q");
+        assert!(notifier.has_waiters("q"));
+        let waiter = notify.notified();
+        notifier.wake("q", 1);
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("woken");
+        drop(notify);
+        assert!(!notifier.has_waiters("q"));
+    }
+}

@@ -1,0 +1,61 @@
+//! The Lua scripts, one per operation (`server/lua/*.lua`), loaded once per process.
+//!
+//! Each script that moves items between states is `lua/lib.lua` followed by the operation's own
+//! file, so the shared helpers exist once in the source and every operation is still a single
+//! atomic EVALSHA. redis-rs loads a script on its first NOSCRIPT reply, so a restarted or
+//! failed-over Redis needs no special handling.
+
+use redis::Script;
+
+macro_rules! script_with_lib {
+    ($file:literal) => {
+        Script::new(concat!(
+            include_str!("../lua/lib.lua"),
+            "\n",
+            include_str!(concat!("../lua/", $file))
+        ))
+    };
+}
+
+/// Every script of the broker.
+#[derive(Debug)]
+pub struct Scripts {
+    /// `lua/enqueue.lua`
+    pub enqueue: Script,
+    /// `lua/lease.lua`
+    pub lease: Script,
+    /// `lua/extend_lease.lua`
+    pub extend_lease: Script,
+    /// `lua/complete.lua`
+    pub complete: Script,
+    /// `lua/fail.lua`
+    pub fail: Script,
+    /// `lua/release.lua`
+    pub release: Script,
+    /// `lua/reap.lua`
+    pub reap: Script,
+    /// `lua/queue_state.lua`
+    pub queue_state: Script,
+}
+
+impl Scripts {
+    /// Builds the script handles (hashes are computed here; nothing is sent to Redis).
+    pub fn new() -> Self {
+        Self {
+            enqueue: script_with_lib!("enqueue.lua"),
+            lease: script_with_lib!("lease.lua"),
+            extend_lease: script_with_lib!("extend_lease.lua"),
+            complete: script_with_lib!("complete.lua"),
+            fail: script_with_lib!("fail.lua"),
+            release: script_with_lib!("release.lua"),
+            reap: script_with_lib!("reap.lua"),
+            queue_state: script_with_lib!("queue_state.lua"),
+        }
+    }
+}
+
+impl Default for Scripts {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,398 @@
+//! The `wq.v1.WorkQueueService` implementation: validate, call the store, build the response.
+//! No Redis details live here.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+use wq_proto::v1::{self as pb, work_queue_service_server::WorkQueueService};
+
+use crate::{
+    config::BrokerConfig,
+    error::{Error, Result},
+    lease::{self, LeaseCall},
+    lease_id::LeaseId,
+    notify::Notifier,
+    store::{FailOutcome, Store},
+    validate,
+};
+
+/// Share of the caller's remaining deadline a waiting Lease may use, leaving time for the reply.
+const DEADLINE_SHARE: f64 = 0.9;
+
+/// The broker's gRPC service.
+#[derive(Debug, Clone)]
+pub struct Broker {
+    store: Arc<Store>,
+    config: Arc<BrokerConfig>,
+    notifier: Arc<Notifier>,
+    shutdown: CancellationToken,
+}
+
+impl Broker {
+    /// Builds the service on a store. `shutdown` ends waiting Leases (they return empty).
+    pub fn new(
+        store: Arc<Store>,
+        config: Arc<BrokerConfig>,
+        notifier: Arc<Notifier>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            store,
+            config,
+            notifier,
+            shutdown,
+        }
+    }
+}
+
+/// A Unix-milliseconds time as a protobuf timestamp.
+pub fn timestamp(ms: i64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: ms.div_euclid(1000),
+        nanos: i32::try_from(ms.rem_euclid(1000) * 1_000_000).unwrap_or(0),
+    }
+}
+
+/// The caller's remaining time, from the `grpc-timeout` header (`<digits><unit>`).
+fn caller_deadline<T>(request: &Request<T>) -> Option<Duration> {
+    let value = request.metadata().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    let amount: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
+}
+
+fn lease_results(
+    lease_ids: impl IntoIterator<Item = String>,
+    live: &[bool],
+    expire_ms: Option<i64>,
+) -> Vec<pb::LeaseResult> {
+    lease_ids
+        .into_iter()
+        .zip(live)
+        .map(|(lease_id, &ok)| pb::LeaseResult {
+            lease_id,
+            outcome: if ok {
+                pb::LeaseOutcome::Ok
+            } else {
+                pb::LeaseOutcome::LeaseLost
+            } as i32,
+            lease_expire_time: expire_ms.filter(|_| ok).map(timestamp),
+        })
+        .collect()
+}
+
+fn item_state(code: &[u8]) -> pb::ItemState {
+    match code {
+        b"r" => pb::ItemState::Ready,
+        b"d" => pb::ItemState::Delayed,
+        b"l" => pb::ItemState::Leased,
+        b"c" => pb::ItemState::Completed,
+        b"x" => pb::ItemState::Dead,
+        _ => pb::ItemState::Unspecified,
+    }
+}
+
+fn stored_item(id: String, fields: Vec<(String, Bytes)>) -> pb::Item {
+    let mut item = pb::Item {
+        id,
+        ..pb::Item::default()
+    };
+    let number = |raw: &Bytes| -> i64 {
+        std::str::from_utf8(raw)
+            .ok()
+            .and_then(|s| s.parse::<f64>().ok())
+            .map_or(0, |n| n as i64)
+    };
+    let mut state = pb::ItemState::Unspecified;
+    let (mut next_ms, mut expire_ms) = (None, None);
+    for (field, value) in fields {
+        match field.as_str() {
+            "p" => item.payload = value,
+            "s" => state = item_state(&value),
+            "a" => item.attempts = u32::try_from(number(&value)).unwrap_or(0),
+            "m" => item.max_attempts = u32::try_from(number(&value)).unwrap_or(0),
+            "pr" => item.priority = i32::try_from(number(&value)).unwrap_or(0),
+            "e" => item.enqueue_time = Some(timestamp(number(&value))),
+            "t" => next_ms = Some(number(&value)),
+            "x" => expire_ms = Some(number(&value)),
+            "h" => item.headers = validate::decode_headers(Some(&value)),
+            "err" => item.last_error = String::from_utf8_lossy(&value).into_owned(),
+            "res" => item.result = value,
+            "ct" => item.complete_time = Some(timestamp(number(&value))),
+            _ => {}
+        }
+    }
+    item.state = state as i32;
+    if state == pb::ItemState::Delayed {
+        item.next_attempt_time = next_ms.map(timestamp);
+    }
+    if state == pb::ItemState::Leased {
+        item.lease_expire_time = expire_ms.map(timestamp);
+    }
+    item
+}
+
+#[tonic::async_trait]
+impl WorkQueueService for Broker {
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, items = request.get_ref().items.len()))]
+    async fn enqueue(
+        &self,
+        request: Request<pb::EnqueueRequest>,
+    ) -> Result<Response<pb::EnqueueResponse>, Status> {
+        let request = request.into_inner();
+        validate::queue_name(&request.queue)?;
+        let items = validate::enqueue_items(&self.config, request.items)?;
+        let duplicates = self.store.enqueue(&request.queue, &items).await?;
+        tracing::debug!(
+            added = duplicates.iter().filter(|d| !**d).count(),
+            "enqueued"
+        );
+        let results = items
+            .into_iter()
+            .zip(duplicates)
+            .map(|(item, duplicate)| pb::EnqueueResult {
+                id: item.id,
+                duplicate,
+            })
+            .collect();
+        Ok(Response::new(pb::EnqueueResponse { results }))
+    }
+
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, worker = %request.get_ref().worker_id))]
+    async fn lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
+        let deadline = caller_deadline(&request);
+        let request = request.into_inner();
+        validate::queue_name(&request.queue)?;
+        validate::worker_id(&request.worker_id)?;
+        let max_items = validate::max_items(&self.config, request.max_items)?;
+        let lease = validate::lease_duration(&self.config, request.lease_duration.as_ref())?;
+        let mut max_wait = validate::max_wait(&self.config, request.max_wait.as_ref())?;
+        if let Some(deadline) = deadline {
+            // Return an empty answer before the caller gives up, rather than DEADLINE_EXCEEDED.
+            max_wait = max_wait.min(deadline.mul_f64(DEADLINE_SHARE));
+        }
+        let call = LeaseCall {
+            queue: request.queue,
+            max_items,
+            lease,
+            max_wait,
+        };
+        let batch = lease::lease_or_wait(
+            &self.store,
+            &self.notifier,
+            &call,
+            self.config.wait_recheck,
+            &self.shutdown,
+        )
+        .await?;
+        tracing::debug!(count = batch.items.len(), drained = batch.drained, "leased");
+        let items = batch
+            .items
+            .into_iter()
+            .map(|item| pb::LeasedItem {
+                lease_id: LeaseId::encode(&call.queue, &item.id, &item.token),
+                attempt: item.attempts_ended.saturating_add(1),
+                lease_expire_time: Some(timestamp(batch.expire_ms)),
+                enqueue_time: Some(timestamp(item.enqueue_ms)),
+                priority: item.priority,
+                headers: validate::decode_headers(item.headers.as_deref()),
+                max_attempts: item.max_attempts,
+                payload: item.payload,
+                id: item.id,
+            })
+            .collect();
+        Ok(Response::new(pb::LeaseResponse {
+            items,
+            drained: batch.drained,
+        }))
+    }
+
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, leases = request.get_ref().lease_ids.len()))]
+    async fn extend_lease(
+        &self,
+        request: Request<pb::ExtendLeaseRequest>,
+    ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
+        let request = request.into_inner();
+        validate::queue_name(&request.queue)?;
+        validate::batch_len(&self.config, "lease_ids", request.lease_ids.len())?;
+        let leases = validate::lease_ids(
+            &request.queue,
+            "lease_ids",
+            request.lease_ids.iter().map(String::as_str),
+        )?;
+        let lease = validate::lease_duration(&self.config, request.lease_duration.as_ref())?;
+        let (expire_ms, live) = self
+            .store
+            .extend_lease(&request.queue, &leases, lease)
+            .await?;
+        Ok(Response::new(pb::ExtendLeaseResponse {
+            results: lease_results(request.lease_ids, &live, Some(expire_ms)),
+        }))
+    }
+
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, completions = request.get_ref().completions.len()))]
+    async fn complete(
+        &self,
+        request: Request<pb::CompleteRequest>,
+    ) -> Result<Response<pb::CompleteResponse>, Status> {
+        let request = request.into_inner();
+        validate::queue_name(&request.queue)?;
+        validate::batch_len(&self.config, "completions", request.completions.len())?;
+        let mut completions = Vec::with_capacity(request.completions.len());
+        let mut lease_ids = Vec::with_capacity(request.completions.len());
+        for (index, completion) in request.completions.into_iter().enumerate() {
+            let lease = validate::lease_id(
+                &request.queue,
+                &format!("completions[{index}].lease_id"),
+                &completion.lease_id,
+            )?;
+            validate::result_payload(
+                &self.config,
+                &format!("completions[{index}].result"),
+                &completion.result,
+            )?;
+            completions.push((lease, completion.result));
+            lease_ids.push(completion.lease_id);
+        }
+        let live = self.store.complete(&request.queue, &completions).await?;
+        tracing::debug!(
+            completed = live.iter().filter(|ok| **ok).count(),
+            "completed"
+        );
+        Ok(Response::new(pb::CompleteResponse {
+            results: lease_results(lease_ids, &live, None),
+        }))
+    }
+
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue))]
+    async fn fail(
+        &self,
+        request: Request<pb::FailRequest>,
+    ) -> Result<Response<pb::FailResponse>, Status> {
+        let request = request.into_inner();
+        validate::queue_name(&request.queue)?;
+        let lease = validate::lease_id(&request.queue, "lease_id", &request.lease_id)?;
+        let retry = validate::retry_delay(request.retry_delay.as_ref())?;
+        let error = validate::error_text(&self.config, &request.error);
+        let outcome = self
+            .store
+            .fail(&request.queue, &lease, &error, retry, request.dead_letter)
+            .await?;
+        tracing::debug!(?outcome, "failed attempt");
+        let (state, next_ms) = match outcome {
+            FailOutcome::LeaseLost => (pb::ItemState::Unspecified, None),
+            FailOutcome::Ready => (pb::ItemState::Ready, None),
+            FailOutcome::Delayed(at) => (pb::ItemState::Delayed, Some(at)),
+            FailOutcome::Dead => (pb::ItemState::Dead, None),
+        };
+        let live = outcome != FailOutcome::LeaseLost;
+        let result = lease_results([request.lease_id], &[live], None).pop();
+        Ok(Response::new(pb::FailResponse {
+            result,
+            state: state as i32,
+            next_attempt_time: next_ms.map(timestamp),
+        }))
+    }
+
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, leases = request.get_ref().lease_ids.len()))]
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let request = request.into_inner();
+        validate::queue_name(&request.queue)?;
+        validate::batch_len(&self.config, "lease_ids", request.lease_ids.len())?;
+        let leases = validate::lease_ids(
+            &request.queue,
+            "lease_ids",
+            request.lease_ids.iter().map(String::as_str),
+        )?;
+        let live = self.store.release(&request.queue, &leases).await?;
+        Ok(Response::new(pb::ReleaseResponse {
+            results: lease_results(request.lease_ids, &live, None),
+        }))
+    }
+
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue))]
+    async fn queue_state(
+        &self,
+        request: Request<pb::QueueStateRequest>,
+    ) -> Result<Response<pb::QueueStateResponse>, Status> {
+        let queue = request.into_inner().queue;
+        validate::queue_name(&queue)?;
+        let s = self.store.queue_state(&queue).await?;
+        Ok(Response::new(pb::QueueStateResponse {
+            drained: s.ready + s.leased + s.delayed == 0,
+            queue,
+            ready: s.ready,
+            leased: s.leased,
+            delayed: s.delayed,
+            dead: s.dead,
+            enqueued_total: s.enqueued_total,
+            completed_total: s.completed_total,
+            failed_total: s.failed_total,
+            reclaimed_total: s.reclaimed_total,
+            paused: s.paused,
+            oldest_ready_enqueue_time: s.oldest_ready_enqueue_ms.map(timestamp),
+            dead_dropped_total: s.dead_dropped_total,
+            sealed: s.sealed,
+        }))
+    }
+
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue))]
+    async fn get_item(
+        &self,
+        request: Request<pb::GetItemRequest>,
+    ) -> Result<Response<pb::GetItemResponse>, Status> {
+        let request = request.into_inner();
+        validate::queue_name(&request.queue)?;
+        validate::item_id("id", &request.id)?;
+        let fields = self
+            .store
+            .get_item(&request.queue, &request.id)
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "queue {:?} holds no item with id {:?}",
+                    request.queue, request.id
+                ))
+            })?;
+        Ok(Response::new(pb::GetItemResponse {
+            item: Some(stored_item(request.id, fields)),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_split_milliseconds() {
+        let ts = timestamp(1_700_000_000_123);
+        assert_eq!((ts.seconds, ts.nanos), (1_700_000_000, 123_000_000));
+    }
+
+    #[test]
+    fn reads_grpc_timeout_units() {
+        let mut request = Request::new(());
+        request
+            .metadata_mut()
+            .insert("grpc-timeout", "250m".parse().expect("ascii"));
+        assert_eq!(caller_deadline(&request), Some(Duration::from_millis(250)));
+    }
+}

@@ -1,0 +1,593 @@
+//! The Redis side of the broker: one typed async method per script, plus the few plain reads.
+//!
+//! All calls share one [`ConnectionManager`]: a multiplexed connection that pipelines concurrent
+//! requests by itself and reconnects in the background. A pool checkout per call would cost an
+//! extra round trip (deadpool-redis pings on every recycle), and a single multiplexed connection
+//! already keeps Redis busier than a pool does (see `../shared/notes/ecosystem.md`). Every call is
+//! bounded by the configured Redis timeout and fails with UNAVAILABLE past it.
+
+use std::{
+    collections::HashSet,
+    future::Future,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use redis::{Value, aio::ConnectionManager};
+
+use crate::{
+    config::BrokerConfig,
+    error::{Error, Result},
+    keys::{self, QueueKeys},
+    lease_id::LeaseId,
+    reply,
+    scripts::Scripts,
+};
+
+/// Most priority bands QueueState inspects to find the oldest ready item.
+const OLDEST_READY_BANDS: u32 = 16;
+
+/// When a new item becomes ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Due {
+    /// At once.
+    Now,
+    /// This long after the enqueue (measured on the Redis clock).
+    After(Duration),
+    /// At this Unix time in milliseconds.
+    At(i64),
+}
+
+/// A validated item to enqueue.
+#[derive(Debug, Clone)]
+pub struct NewItem {
+    /// The item's id (caller-supplied or assigned).
+    pub id: String,
+    /// The payload.
+    pub payload: Bytes,
+    /// Higher is leased first.
+    pub priority: i32,
+    /// When it becomes ready.
+    pub due: Due,
+    /// Attempts in all (resolved, >= 1).
+    pub max_attempts: u32,
+    /// Encoded headers; empty when none.
+    pub headers: Bytes,
+}
+
+/// One item granted by a lease.
+#[derive(Debug, Clone)]
+pub struct Granted {
+    /// The item's id.
+    pub id: String,
+    /// The grant's fencing token.
+    pub token: String,
+    /// The payload.
+    pub payload: Bytes,
+    /// Attempts that ended before this lease.
+    pub attempts_ended: u32,
+    /// Attempts in all.
+    pub max_attempts: u32,
+    /// The item's priority.
+    pub priority: i32,
+    /// Enqueue time, Unix ms.
+    pub enqueue_ms: i64,
+    /// Encoded headers, if any.
+    pub headers: Option<Bytes>,
+}
+
+/// What a lease script call did.
+#[derive(Debug, Clone)]
+pub struct LeaseBatch {
+    /// Redis time of the call, Unix ms.
+    pub now_ms: i64,
+    /// Expiry of the granted leases, Unix ms.
+    pub expire_ms: i64,
+    /// No item ready, leased or delayed after the call.
+    pub drained: bool,
+    /// Due time of the earliest delayed item, Unix ms.
+    pub next_due_ms: Option<i64>,
+    /// Ready items left after the call.
+    pub ready_left: u64,
+    /// The granted items.
+    pub items: Vec<Granted>,
+}
+
+/// What happened to a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailOutcome {
+    /// The lease was not live; nothing changed.
+    LeaseLost,
+    /// Ready again at once.
+    Ready,
+    /// Retried at this Unix ms.
+    Delayed(i64),
+    /// Moved to the dead letters.
+    Dead,
+}
+
+/// Counts and flags of one queue.
+#[derive(Debug, Clone, Default)]
+pub struct QueueSnapshot {
+    /// Ready items.
+    pub ready: u64,
+    /// Leased items.
+    pub leased: u64,
+    /// Delayed items.
+    pub delayed: u64,
+    /// Dead letters.
+    pub dead: u64,
+    /// Items ever enqueued.
+    pub enqueued_total: u64,
+    /// Completions.
+    pub completed_total: u64,
+    /// Fail calls.
+    pub failed_total: u64,
+    /// Reclaimed expired leases.
+    pub reclaimed_total: u64,
+    /// Dead letters dropped by the bounds.
+    pub dead_dropped_total: u64,
+    /// Leases nothing.
+    pub paused: bool,
+    /// Accepts no items.
+    pub sealed: bool,
+    /// Enqueue time of the longest-waiting ready item, Unix ms.
+    pub oldest_ready_enqueue_ms: Option<i64>,
+}
+
+/// What one reaper step did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReapOutcome {
+    /// Expired leases reclaimed.
+    pub reclaimed: u64,
+    /// Delayed items promoted.
+    pub promoted: u64,
+    /// Dead letters dropped.
+    pub dropped: u64,
+    /// Ready items afterwards.
+    pub ready: u64,
+    /// A limit was hit: call again.
+    pub more: bool,
+}
+
+/// The broker's handle on Redis. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Store {
+    conn: ConnectionManager,
+    scripts: Scripts,
+    config: Arc<BrokerConfig>,
+    channel: String,
+    registry: String,
+    /// Queues this process has already added to the registry, to skip the SADD on hot paths.
+    registered: Mutex<HashSet<String>>,
+}
+
+impl Store {
+    /// Creates a store on `client` without connecting yet: the broker starts (NOT_SERVING) even
+    /// while Redis is down, and connects when Redis answers.
+    ///
+    /// # Errors
+    /// When the connection manager cannot be created from the client's settings.
+    pub fn new(client: redis::Client, config: Arc<BrokerConfig>) -> redis::RedisResult<Self> {
+        let manager_config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.redis_timeout))
+            .set_response_timeout(Some(config.redis_timeout))
+            // Reconnects are retried by the next call; a long retry loop would outlast the
+            // caller's timeout anyway.
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
+        Ok(Self {
+            conn,
+            scripts: Scripts::new(),
+            channel: keys::notify_channel(&config.key_prefix),
+            registry: keys::queue_registry(&config.key_prefix),
+            config,
+            registered: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The pub/sub channel the scripts publish ready notifications on.
+    pub fn notify_channel(&self) -> &str {
+        &self.channel
+    }
+
+    fn keys(&self, queue: &str) -> QueueKeys {
+        QueueKeys::new(&self.config.key_prefix, queue)
+    }
+
+    /// Bounds a Redis call by the configured timeout.
+    async fn bounded<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
+        match tokio::time::timeout(self.config.redis_timeout, call).await {
+            Ok(result) => Ok(result?),
+            Err(_) => Err(Error::Unavailable(format!(
+                "no reply within {:?}",
+                self.config.redis_timeout
+            ))),
+        }
+    }
+
+    /// Checks that Redis answers.
+    ///
+    /// # Errors
+    /// UNAVAILABLE when it does not within the Redis timeout.
+    pub async fn ping(&self) -> Result<()> {
+        let mut conn = self.conn.clone();
+        let _: String = self
+            .bounded(redis::cmd("PING").query_async(&mut conn))
+            .await?;
+        Ok(())
+    }
+
+    async fn register(&self, queue: &str) -> Result<()> {
+        let known = self
+            .registered
+            .lock()
+            .map(|set| set.contains(queue))
+            .unwrap_or(false);
+        if known {
+            return Ok(());
+        }
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .bounded(
+                redis::cmd("SADD")
+                    .arg(&self.registry)
+                    .arg(queue)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        if let Ok(mut set) = self.registered.lock() {
+            set.insert(queue.to_owned());
+        }
+        Ok(())
+    }
+
+    /// Every queue ever used (the reaper's round).
+    ///
+    /// # Errors
+    /// UNAVAILABLE when Redis does not answer.
+    pub async fn known_queues(&self) -> Result<Vec<String>> {
+        let mut conn = self.conn.clone();
+        self.bounded(
+            redis::cmd("SMEMBERS")
+                .arg(&self.registry)
+                .query_async(&mut conn),
+        )
+        .await
+    }
+
+    /// Enqueues a validated batch; returns the duplicate flag of each item.
+    ///
+    /// # Errors
+    /// FAILED_PRECONDITION when the queue is sealed; UNAVAILABLE when Redis does not answer.
+    pub async fn enqueue(&self, queue: &str, items: &[NewItem]) -> Result<Vec<bool>> {
+        self.register(queue).await?;
+        let k = self.keys(queue);
+        let mut call = self.scripts.enqueue.key(&k.ready);
+        call.key(&k.delayed)
+            .key(&k.meta)
+            .arg(&k.item_prefix)
+            .arg(&self.channel)
+            .arg(queue)
+            .arg(items.len());
+        for item in items {
+            let (delay_ms, not_before_ms) = match item.due {
+                Due::Now => (-1, -1),
+                Due::After(d) => (i64::try_from(d.as_millis()).unwrap_or(i64::MAX), -1),
+                Due::At(ms) => (-1, ms),
+            };
+            call.arg(&item.id)
+                .arg(item.payload.as_ref())
+                .arg(item.priority)
+                .arg(delay_ms)
+                .arg(not_before_ms)
+                .arg(item.max_attempts)
+                .arg(item.headers.as_ref());
+        }
+        let mut conn = self.conn.clone();
+        let reply = reply::array("enqueue", self.bounded(call.invoke_async(&mut conn)).await?)?;
+        let (status, flags) = reply
+            .split_first()
+            .ok_or_else(|| Error::Internal("empty enqueue reply".into()))?;
+        if reply::int("enqueue status", status)? == 1 {
+            return Err(Error::FailedPrecondition(format!(
+                "queue {queue:?} is sealed: it accepts no more items"
+            )));
+        }
+        let flags = reply::flags("enqueue duplicate flags", flags.get(1..).unwrap_or(&[]))?;
+        if flags.len() != items.len() {
+            return Err(Error::Internal("enqueue reply has the wrong length".into()));
+        }
+        Ok(flags)
+    }
+
+    /// Leases up to `max_items` items for `lease`; `token_base` must be unique per call.
+    ///
+    /// # Errors
+    /// UNAVAILABLE when Redis does not answer.
+    pub async fn lease(
+        &self,
+        queue: &str,
+        max_items: u32,
+        lease: Duration,
+        token_base: &str,
+    ) -> Result<LeaseBatch> {
+        let k = self.keys(queue);
+        let mut call = self.scripts.lease.key(&k.ready);
+        call.key(&k.delayed)
+            .key(&k.leased)
+            .key(&k.dead)
+            .key(&k.meta)
+            .arg(&k.item_prefix)
+            .arg(max_items)
+            .arg(millis(lease))
+            .arg(token_base)
+            .arg(self.config.reap_batch)
+            .arg(self.config.dead_max_count)
+            .arg(&self.channel)
+            .arg(queue);
+        let mut conn = self.conn.clone();
+        let reply = reply::array("lease", self.bounded(call.invoke_async(&mut conn)).await?)?;
+        let [now, expire, drained, next_due, ready_left, items]: [Value; 6] = reply
+            .try_into()
+            .map_err(|_| Error::Internal("lease reply has the wrong length".into()))?;
+        let items = reply::array("lease items", items)?
+            .into_iter()
+            .map(granted)
+            .collect::<Result<Vec<_>>>()?;
+        let next_due = reply::int("lease next due", &next_due)?;
+        Ok(LeaseBatch {
+            now_ms: reply::int("lease now", &now)?,
+            expire_ms: reply::int("lease expiry", &expire)?,
+            drained: reply::int("lease drained", &drained)? == 1,
+            next_due_ms: (next_due > 0).then_some(next_due),
+            ready_left: reply::uint("lease ready left", &ready_left)?,
+            items,
+        })
+    }
+
+    /// Extends live leases to now + `lease`; returns the new expiry (Unix ms) and which leases
+    /// were live.
+    ///
+    /// # Errors
+    /// UNAVAILABLE when Redis does not answer.
+    pub async fn extend_lease(
+        &self,
+        queue: &str,
+        leases: &[LeaseId],
+        lease: Duration,
+    ) -> Result<(i64, Vec<bool>)> {
+        let k = self.keys(queue);
+        let mut call = self.scripts.extend_lease.key(&k.leased);
+        call.arg(&k.item_prefix).arg(millis(lease));
+        for l in leases {
+            call.arg(&l.item_id).arg(&l.token);
+        }
+        let mut conn = self.conn.clone();
+        let reply = reply::array("extend", self.bounded(call.invoke_async(&mut conn)).await?)?;
+        let (expire, flags) = reply
+            .split_first()
+            .ok_or_else(|| Error::Internal("empty extend reply".into()))?;
+        Ok((
+            reply::int("extend expiry", expire)?,
+            reply::flags("extend flags", flags)?,
+        ))
+    }
+
+    /// Completes live leases with their results; returns which leases were live.
+    ///
+    /// # Errors
+    /// UNAVAILABLE when Redis does not answer.
+    pub async fn complete(
+        &self,
+        queue: &str,
+        completions: &[(LeaseId, Bytes)],
+    ) -> Result<Vec<bool>> {
+        let k = self.keys(queue);
+        let mut call = self.scripts.complete.key(&k.leased);
+        call.key(&k.meta)
+            .arg(&k.item_prefix)
+            .arg(millis(self.config.completed_retention));
+        for (l, result) in completions {
+            call.arg(&l.item_id).arg(&l.token).arg(result.as_ref());
+        }
+        let mut conn = self.conn.clone();
+        let reply = reply::array(
+            "complete",
+            self.bounded(call.invoke_async(&mut conn)).await?,
+        )?;
+        reply::flags("complete flags", &reply)
+    }
+
+    /// Ends a live lease as a failed attempt (`retry` None = backoff).
+    ///
+    /// # Errors
+    /// UNAVAILABLE when Redis does not answer.
+    pub async fn fail(
+        &self,
+        queue: &str,
+        lease: &LeaseId,
+        error: &str,
+        retry: Option<Duration>,
+        dead_letter: bool,
+    ) -> Result<FailOutcome> {
+        let k = self.keys(queue);
+        let jitter: f64 = rand::random();
+        let mut call = self.scripts.fail.key(&k.ready);
+        call.key(&k.delayed)
+            .key(&k.leased)
+            .key(&k.dead)
+            .key(&k.meta)
+            .arg(&k.item_prefix)
+            .arg(&lease.item_id)
+            .arg(&lease.token)
+            .arg(error)
+            .arg(retry.map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
+            .arg(millis(self.config.backoff_base))
+            .arg(self.config.backoff_factor)
+            .arg(millis(self.config.backoff_cap))
+            .arg(jitter)
+            .arg(u8::from(dead_letter))
+            .arg(self.config.dead_max_count)
+            .arg(&self.channel)
+            .arg(queue);
+        let mut conn = self.conn.clone();
+        let reply = reply::array("fail", self.bounded(call.invoke_async(&mut conn)).await?)?;
+        let [ok, state, next]: [Value; 3] = reply
+            .try_into()
+            .map_err(|_| Error::Internal("fail reply has the wrong length".into()))?;
+        if reply::int("fail ok", &ok)? == 0 {
+            return Ok(FailOutcome::LeaseLost);
+        }
+        match reply::text("fail state", state)?.as_str() {
+            "r" => Ok(FailOutcome::Ready),
+            "d" => Ok(FailOutcome::Delayed(reply::int("fail next", &next)?)),
+            "x" => Ok(FailOutcome::Dead),
+            other => Err(Error::Internal(format!("fail returned state {other:?}"))),
+        }
+    }
+
+    /// Gives live leases back; returns which leases were live.
+    ///
+    /// # Errors
+    /// UNAVAILABLE when Redis does not answer.
+    pub async fn release(&self, queue: &str, leases: &[LeaseId]) -> Result<Vec<bool>> {
+        let k = self.keys(queue);
+        let mut call = self.scripts.release.key(&k.ready);
+        call.key(&k.leased)
+            .arg(&k.item_prefix)
+            .arg(&self.channel)
+            .arg(queue);
+        for l in leases {
+            call.arg(&l.item_id).arg(&l.token);
+        }
+        let mut conn = self.conn.clone();
+        let reply = reply::array("release", self.bounded(call.invoke_async(&mut conn)).await?)?;
+        reply::flags("release flags", &reply)
+    }
+
+    /// Reads a consistent snapshot of a queue.
+    ///
+    /// # Errors
+    /// UNAVAILABLE when Redis does not answer.
+    pub async fn queue_state(&self, queue: &str) -> Result<QueueSnapshot> {
+        let k = self.keys(queue);
+        let mut call = self.scripts.queue_state.key(&k.ready);
+        call.key(&k.leased)
+            .key(&k.delayed)
+            .key(&k.dead)
+            .key(&k.meta)
+            .arg(&k.item_prefix)
+            .arg(OLDEST_READY_BANDS);
+        let mut conn = self.conn.clone();
+        let reply = reply::array("state", self.bounded(call.invoke_async(&mut conn)).await?)?;
+        let [ready, leased, delayed, dead, oldest, meta]: [Value; 6] = reply
+            .try_into()
+            .map_err(|_| Error::Internal("state reply has the wrong length".into()))?;
+        let mut snapshot = QueueSnapshot {
+            ready: reply::uint("ready", &ready)?,
+            leased: reply::uint("leased", &leased)?,
+            delayed: reply::uint("delayed", &delayed)?,
+            dead: reply::uint("dead", &dead)?,
+            oldest_ready_enqueue_ms: Some(reply::int("oldest", &oldest)?).filter(|ms| *ms > 0),
+            ..QueueSnapshot::default()
+        };
+        for (field, value) in reply::pairs("meta", meta)? {
+            let number = || {
+                std::str::from_utf8(&value)
+                    .ok()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            match field.as_str() {
+                "enq" => snapshot.enqueued_total = number(),
+                "done" => snapshot.completed_total = number(),
+                "fail" => snapshot.failed_total = number(),
+                "recl" => snapshot.reclaimed_total = number(),
+                "dropped" => snapshot.dead_dropped_total = number(),
+                "paused" => snapshot.paused = number() == 1,
+                "sealed" => snapshot.sealed = number() == 1,
+                _ => {}
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// Reads one item's hash as field/value pairs; None when the item is not stored.
+    ///
+    /// # Errors
+    /// UNAVAILABLE when Redis does not answer.
+    pub async fn get_item(&self, queue: &str, id: &str) -> Result<Option<Vec<(String, Bytes)>>> {
+        let key = self.keys(queue).item(id);
+        let mut conn = self.conn.clone();
+        let value: Value = self
+            .bounded(redis::cmd("HGETALL").arg(&key).query_async(&mut conn))
+            .await?;
+        let fields = reply::pairs("item", value)?;
+        Ok((!fields.is_empty()).then_some(fields))
+    }
+
+    /// One bounded reaper step over a queue.
+    ///
+    /// # Errors
+    /// UNAVAILABLE when Redis does not answer.
+    pub async fn reap(&self, queue: &str) -> Result<ReapOutcome> {
+        let k = self.keys(queue);
+        let mut call = self.scripts.reap.key(&k.ready);
+        call.key(&k.delayed)
+            .key(&k.leased)
+            .key(&k.dead)
+            .key(&k.meta)
+            .arg(&k.item_prefix)
+            .arg(self.config.reap_batch)
+            .arg(self.config.dead_max_count)
+            .arg(millis(self.config.dead_max_age))
+            .arg(&self.channel)
+            .arg(queue);
+        let mut conn = self.conn.clone();
+        let reply = reply::array("reap", self.bounded(call.invoke_async(&mut conn)).await?)?;
+        let [reclaimed, promoted, dropped, ready, more]: [Value; 5] = reply
+            .try_into()
+            .map_err(|_| Error::Internal("reap reply has the wrong length".into()))?;
+        Ok(ReapOutcome {
+            reclaimed: reply::uint("reclaimed", &reclaimed)?,
+            promoted: reply::uint("promoted", &promoted)?,
+            dropped: reply::uint("dropped", &dropped)?,
+            ready: reply::uint("ready", &ready)?,
+            more: reply::int("more", &more)? == 1,
+        })
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn granted(value: Value) -> Result<Granted> {
+    let fields = reply::array("leased item", value)?;
+    let [
+        id,
+        token,
+        payload,
+        attempts,
+        max_attempts,
+        priority,
+        enqueued,
+        headers,
+    ]: [Value; 8] = fields
+        .try_into()
+        .map_err(|_| Error::Internal("leased item has the wrong length".into()))?;
+    Ok(Granted {
+        id: reply::text("id", id)?,
+        token: reply::text("token", token)?,
+        payload: reply::bytes("payload", payload)?,
+        attempts_ended: reply::u32_of("attempts", &attempts)?,
+        max_attempts: reply::u32_of("max attempts", &max_attempts)?,
+        priority: i32::try_from(reply::int("priority", &priority)?)
+            .map_err(|_| Error::Internal("priority out of range".into()))?,
+        enqueue_ms: reply::int("enqueue time", &enqueued)?,
+        headers: reply::opt_bytes("headers", headers)?,
+    })
+}

@@ -1,0 +1,281 @@
+//! Test harness for wq's end-to-end tests: a private `redis-server` per test on a free loopback
+//! port, in-process brokers bound to `127.0.0.1:0`, and gRPC clients connected to them.
+//!
+//! Redis is real and spawned by the test itself; a missing `redis-server` fails the test with
+//! the install command, it never skips.
+
+use std::{net::SocketAddr, time::Duration};
+
+use tokio::{sync::oneshot, task::JoinHandle};
+use tonic::transport::Channel;
+pub use wq_proto::v1 as pb;
+pub use wq_server::{config::BrokerConfig, dev::RedisProcess};
+
+/// A gRPC client of the work-queue service.
+pub type Client = pb::work_queue_service_client::WorkQueueServiceClient<Channel>;
+
+/// Starts a private Redis without persistence, or panics saying how to install it.
+pub async fn redis() -> RedisProcess {
+    match RedisProcess::start().await {
+        Ok(redis) => redis,
+        Err(error) => panic!("cannot start the test's redis-server: {error}"),
+    }
+}
+
+/// Broker settings for tests: short minimum lease, fast reaper and backoff, short Redis timeout.
+pub fn test_config() -> BrokerConfig {
+    BrokerConfig {
+        min_lease: Duration::from_millis(100),
+        reap_interval: Duration::from_millis(50),
+        redis_timeout: Duration::from_millis(500),
+        backoff_base: Duration::from_millis(100),
+        backoff_cap: Duration::from_secs(1),
+        shutdown_grace: Duration::from_secs(5),
+        ..BrokerConfig::default()
+    }
+}
+
+/// A broker running in this process.
+#[derive(Debug)]
+pub struct Broker {
+    address: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), wq_server::ServeError>>>,
+}
+
+impl Broker {
+    /// Starts a broker with [`test_config`] on `redis_url`.
+    pub async fn start(redis_url: &str) -> Self {
+        Self::start_with(redis_url, test_config()).await
+    }
+
+    /// Starts a broker with the given configuration on `redis_url`.
+    pub async fn start_with(redis_url: &str, config: BrokerConfig) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding a loopback port");
+        let address = listener.local_addr().expect("bound address");
+        let client = redis::Client::open(redis_url).expect("valid redis url");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(wq_server::serve(listener, client, config, async {
+            let _ = stopped.await;
+        }));
+        let broker = Self {
+            address,
+            stop: Some(stop),
+            task: Some(task),
+        };
+        broker.wait_serving().await;
+        broker
+    }
+
+    /// The broker's `http://` URL.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// The broker's address.
+    pub fn address(&self) -> SocketAddr {
+        self.address
+    }
+
+    /// A new client connection.
+    pub async fn client(&self) -> Client {
+        Client::connect(self.url())
+            .await
+            .expect("connecting to the broker")
+    }
+
+    /// A channel for other services (health, reflection).
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .expect("valid url")
+            .connect()
+            .await
+            .expect("connecting to the broker")
+    }
+
+    async fn wait_serving(&self) {
+        let channel = self.channel().await;
+        let mut health = tonic_health_client(channel);
+        for _ in 0..200 {
+            if let Ok(reply) = health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                && reply.into_inner().status == SERVING
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the broker did not report SERVING within 4 s");
+    }
+
+    /// Stops the broker gracefully and waits for it to exit.
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let result = tokio::time::timeout(Duration::from_secs(10), task)
+                .await
+                .expect("the broker stops within 10 s")
+                .expect("the broker task does not panic");
+            result.expect("the broker stops without error");
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Health checking through the standard `grpc.health.v1` client.
+pub mod health {
+    pub use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+}
+use health::{HealthCheckRequest, HealthClient};
+const SERVING: i32 = health::ServingStatus::Serving as i32;
+
+/// A health client on `channel`.
+pub fn tonic_health_client(channel: Channel) -> HealthClient<Channel> {
+    HealthClient::new(channel)
+}
+
+/// An item with this payload and defaults otherwise.
+pub fn item(payload: &str) -> pb::EnqueueItem {
+    pb::EnqueueItem {
+        payload: payload.as_bytes().to_vec().into(),
+        ..pb::EnqueueItem::default()
+    }
+}
+
+/// An item with a caller-chosen id.
+pub fn item_with_id(id: &str, payload: &str) -> pb::EnqueueItem {
+    pb::EnqueueItem {
+        id: id.to_owned(),
+        ..item(payload)
+    }
+}
+
+/// A protobuf duration.
+pub fn duration(d: Duration) -> prost_types::Duration {
+    prost_types::Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// Enqueues items and returns their ids.
+pub async fn enqueue(client: &mut Client, queue: &str, items: Vec<pb::EnqueueItem>) -> Vec<String> {
+    client
+        .enqueue(pb::EnqueueRequest {
+            queue: queue.to_owned(),
+            items,
+        })
+        .await
+        .expect("enqueue succeeds")
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| r.id)
+        .collect()
+}
+
+/// Leases without waiting.
+pub async fn lease(
+    client: &mut Client,
+    queue: &str,
+    max_items: u32,
+    lease: Duration,
+) -> pb::LeaseResponse {
+    client
+        .lease(pb::LeaseRequest {
+            queue: queue.to_owned(),
+            max_items,
+            lease_duration: Some(duration(lease)),
+            ..pb::LeaseRequest::default()
+        })
+        .await
+        .expect("lease succeeds")
+        .into_inner()
+}
+
+/// Completes leases and returns their outcomes.
+pub async fn complete(
+    client: &mut Client,
+    queue: &str,
+    lease_ids: &[String],
+) -> Vec<pb::LeaseOutcome> {
+    client
+        .complete(pb::CompleteRequest {
+            queue: queue.to_owned(),
+            completions: lease_ids
+                .iter()
+                .map(|id| pb::Completion {
+                    lease_id: id.clone(),
+                    result: Default::default(),
+                })
+                .collect(),
+        })
+        .await
+        .expect("complete succeeds")
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| r.outcome())
+        .collect()
+}
+
+/// Reads a queue's state.
+pub async fn state(client: &mut Client, queue: &str) -> pb::QueueStateResponse {
+    client
+        .queue_state(pb::QueueStateRequest {
+            queue: queue.to_owned(),
+        })
+        .await
+        .expect("queue state succeeds")
+        .into_inner()
+}
+
+/// A plain Redis connection for inspecting what the broker stored.
+pub async fn redis_conn(redis: &RedisProcess) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .expect("valid url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connecting to the test redis")
+}
+
+/// Every key and value in Redis, for asserting that a rejected call changed nothing.
+pub async fn redis_dump(redis: &RedisProcess) -> Vec<(String, Vec<u8>)> {
+    let mut conn = redis_conn(redis).await;
+    let mut keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS");
+    keys.sort();
+    let mut out = Vec::new();
+    for key in keys {
+        let dump: Vec<u8> = redis::cmd("DUMP")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .expect("DUMP");
+        out.push((key, dump));
+    }
+    out
+}

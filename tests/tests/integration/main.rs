@@ -1,0 +1,9 @@
+//! Integration tests of the wq broker: real redis-server, real gRPC, one binary with a module
+//! per feature to keep link times down.
+
+mod bad_input;
+mod enqueue;
+mod lease;
+mod lifecycle;
+mod outage;
+mod tools;
