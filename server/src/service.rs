@@ -143,10 +143,24 @@ fn stored_item(id: String, fields: Vec<(String, Bytes)>) -> pb::Item {
     item
 }
 
-#[tonic::async_trait]
-impl WorkQueueService for Broker {
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, items = request.get_ref().items.len()))]
-    async fn enqueue(
+/// Records the call's outcome on its span (OK or the status code) and logs failures at the
+/// level they deserve: caller mistakes at debug, unavailability at warn (already logged).
+fn traced<T>(result: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+    let span = tracing::Span::current();
+    match &result {
+        Ok(_) => {
+            span.record("outcome", "ok");
+        }
+        Err(status) => {
+            span.record("outcome", tracing::field::debug(status.code()));
+            tracing::debug!(code = ?status.code(), message = status.message(), "rejected");
+        }
+    }
+    result
+}
+
+impl Broker {
+    async fn enqueue_call(
         &self,
         request: Request<pb::EnqueueRequest>,
     ) -> Result<Response<pb::EnqueueResponse>, Status> {
@@ -169,8 +183,7 @@ impl WorkQueueService for Broker {
         Ok(Response::new(pb::EnqueueResponse { results }))
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, worker = %request.get_ref().worker_id))]
-    async fn lease(
+    async fn lease_call(
         &self,
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
@@ -221,8 +234,7 @@ impl WorkQueueService for Broker {
         }))
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, leases = request.get_ref().lease_ids.len()))]
-    async fn extend_lease(
+    async fn extend_lease_call(
         &self,
         request: Request<pb::ExtendLeaseRequest>,
     ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
@@ -244,8 +256,7 @@ impl WorkQueueService for Broker {
         }))
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, completions = request.get_ref().completions.len()))]
-    async fn complete(
+    async fn complete_call(
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
@@ -278,8 +289,7 @@ impl WorkQueueService for Broker {
         }))
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue))]
-    async fn fail(
+    async fn fail_call(
         &self,
         request: Request<pb::FailRequest>,
     ) -> Result<Response<pb::FailResponse>, Status> {
@@ -308,8 +318,7 @@ impl WorkQueueService for Broker {
         }))
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, leases = request.get_ref().lease_ids.len()))]
-    async fn release(
+    async fn release_call(
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
@@ -327,8 +336,7 @@ impl WorkQueueService for Broker {
         }))
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue))]
-    async fn queue_state(
+    async fn queue_state_call(
         &self,
         request: Request<pb::QueueStateRequest>,
     ) -> Result<Response<pb::QueueStateResponse>, Status> {
@@ -353,8 +361,7 @@ impl WorkQueueService for Broker {
         }))
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue))]
-    async fn get_item(
+    async fn get_item_call(
         &self,
         request: Request<pb::GetItemRequest>,
     ) -> Result<Response<pb::GetItemResponse>, Status> {
@@ -374,6 +381,73 @@ impl WorkQueueService for Broker {
         Ok(Response::new(pb::GetItemResponse {
             item: Some(stored_item(request.id, fields)),
         }))
+    }
+}
+
+#[tonic::async_trait]
+impl WorkQueueService for Broker {
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, items = request.get_ref().items.len(), outcome = tracing::field::Empty))]
+    async fn enqueue(
+        &self,
+        request: Request<pb::EnqueueRequest>,
+    ) -> Result<Response<pb::EnqueueResponse>, Status> {
+        traced(self.enqueue_call(request).await)
+    }
+
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, worker = %request.get_ref().worker_id, outcome = tracing::field::Empty))]
+    async fn lease(
+        &self,
+        request: Request<pb::LeaseRequest>,
+    ) -> Result<Response<pb::LeaseResponse>, Status> {
+        traced(self.lease_call(request).await)
+    }
+
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, leases = request.get_ref().lease_ids.len(), outcome = tracing::field::Empty))]
+    async fn extend_lease(
+        &self,
+        request: Request<pb::ExtendLeaseRequest>,
+    ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
+        traced(self.extend_lease_call(request).await)
+    }
+
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, completions = request.get_ref().completions.len(), outcome = tracing::field::Empty))]
+    async fn complete(
+        &self,
+        request: Request<pb::CompleteRequest>,
+    ) -> Result<Response<pb::CompleteResponse>, Status> {
+        traced(self.complete_call(request).await)
+    }
+
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]
+    async fn fail(
+        &self,
+        request: Request<pb::FailRequest>,
+    ) -> Result<Response<pb::FailResponse>, Status> {
+        traced(self.fail_call(request).await)
+    }
+
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, leases = request.get_ref().lease_ids.len(), outcome = tracing::field::Empty))]
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        traced(self.release_call(request).await)
+    }
+
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]
+    async fn queue_state(
+        &self,
+        request: Request<pb::QueueStateRequest>,
+    ) -> Result<Response<pb::QueueStateResponse>, Status> {
+        traced(self.queue_state_call(request).await)
+    }
+
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]
+    async fn get_item(
+        &self,
+        request: Request<pb::GetItemRequest>,
+    ) -> Result<Response<pb::GetItemResponse>, Status> {
+        traced(self.get_item_call(request).await)
     }
 }
 
