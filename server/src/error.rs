@@ -37,9 +37,19 @@ impl Error {
 
 impl From<redis::RedisError> for Error {
     fn from(err: redis::RedisError) -> Self {
-        // Connection-level trouble is retryable; anything else means a script or reply did not
-        // match what the broker expects.
-        if err.is_io_error()
+        // Connection-level trouble, and the server states that pass by themselves (loading an
+        // AOF after a restart, a failover in progress), are retryable; anything else means a
+        // script or reply did not match what the broker expects.
+        let passing = matches!(
+            err.code(),
+            Some("LOADING" | "BUSY" | "MASTERDOWN" | "READONLY" | "TRYAGAIN" | "CLUSTERDOWN")
+        );
+        if err.code() == Some("OOM") {
+            Self::ResourceExhausted(
+                "the broker's Redis store is out of memory; retry after work has drained".into(),
+            )
+        } else if passing
+            || err.is_io_error()
             || err.is_connection_dropped()
             || err.is_connection_refusal()
             || err.is_timeout()

@@ -214,3 +214,32 @@ async fn shutdown_ends_waiting_leases_with_an_empty_reply() {
     assert!(reply.into_inner().items.is_empty());
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+#[tokio::test]
+async fn redis_out_of_memory_answers_resource_exhausted() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    enqueue(&mut client, "q", vec![item("x")]).await;
+    let mut admin = redis_conn(&redis).await;
+    let set = |value: &'static str| {
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("SET").arg("maxmemory").arg(value);
+        cmd
+    };
+    let _: () = set("1").query_async(&mut admin).await.expect("CONFIG SET");
+    let status = client
+        .enqueue(pb::EnqueueRequest {
+            queue: "q".into(),
+            items: vec![item("y")],
+        })
+        .await
+        .expect_err("a full redis refuses writes");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    let _: () = set("0").query_async(&mut admin).await.expect("CONFIG SET");
+    assert_eq!(
+        state(&mut client, "q").await.ready,
+        1,
+        "nothing half-written"
+    );
+}
