@@ -7,7 +7,10 @@ use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
-    let files = [root.join("wq/v1/work_queue.proto")];
+    let files = [
+        root.join("wq/v1/work_queue.proto"),
+        root.join("wq/v1/queue_admin.proto"),
+    ];
     // protox keeps source info, so the proto comments reach reflection (grpcurl describe).
     let fds = protox::compile(&files, [&root])?;
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);

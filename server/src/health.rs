@@ -1,5 +1,5 @@
 //! The standard `grpc.health.v1` service, driven by whether Redis answers: the overall status
-//! (service `""`) and `wq.v1.WorkQueueService` are SERVING only while a PING succeeds, and
+//! (service `""`), `wq.v1.WorkQueueService` and `wq.v1.QueueAdminService` are SERVING only while a PING succeeds, and
 //! NOT_SERVING from start-up until Redis has answered once.
 
 use std::{sync::Arc, time::Duration};
@@ -10,7 +10,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 use crate::store::Store;
 
 /// The service names whose status follows Redis.
-pub const SERVICES: [&str; 2] = ["", "wq.v1.WorkQueueService"];
+pub const SERVICES: [&str; 3] = ["", "wq.v1.WorkQueueService", "wq.v1.QueueAdminService"];
 
 /// Sets every tracked service to `status`.
 pub async fn set_all(reporter: &HealthReporter, status: ServingStatus) {

@@ -7,6 +7,7 @@
 //!
 //! - [`config`]: flags and limits.
 //! - [`service`]: the `wq.v1.WorkQueueService` handlers (validate, call the store, respond).
+//! - [`admin`], [`admin_store`]: the `wq.v1.QueueAdminService` handlers and their Redis side.
 //! - [`validate`]: request checks; errors name the field.
 //! - [`lease`]: Lease's waiting and release-on-cancel logic.
 //! - [`store`], [`scripts`], [`keys`], [`reply`]: Redis access, one method per Lua script.
@@ -15,6 +16,8 @@
 //! - [`error`]: the error enum and its gRPC mapping.
 //! - [`dev`]: a private `redis-server` for `--dev` and tests; [`shutdown`]: signals.
 
+pub mod admin;
+pub mod admin_store;
 pub mod config;
 pub mod dev;
 pub mod error;
@@ -36,9 +39,12 @@ use std::{future::Future, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
-use wq_proto::v1::work_queue_service_server::WorkQueueServiceServer;
+use wq_proto::v1::{
+    queue_admin_service_server::QueueAdminServiceServer,
+    work_queue_service_server::WorkQueueServiceServer,
+};
 
-use crate::{config::BrokerConfig, notify::Notifier, service::Broker, store::Store};
+use crate::{admin::Admin, config::BrokerConfig, notify::Notifier, service::Broker, store::Store};
 
 /// How often the health monitor pings Redis.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -117,6 +123,9 @@ pub async fn serve(
         notifier,
         stop.clone(),
     );
+    let admin = QueueAdminServiceServer::new(Admin::new(Arc::clone(&store), Arc::clone(&config)))
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
     let service = WorkQueueServiceServer::new(broker)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
@@ -131,6 +140,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(service)
+        .add_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             tracing::info!("shutting down: finishing in-flight calls");

@@ -36,6 +36,12 @@ pub struct Scripts {
     pub reap: Script,
     /// `lua/queue_state.lua`
     pub queue_state: Script,
+    /// `lua/set_flag.lua`
+    pub set_flag: Script,
+    /// `lua/requeue_dead.lua`
+    pub requeue_dead: Script,
+    /// `lua/purge.lua`
+    pub purge: Script,
 }
 
 impl Scripts {
@@ -50,6 +56,9 @@ impl Scripts {
             release: script_with_lib!("release.lua"),
             reap: script_with_lib!("reap.lua"),
             queue_state: script_with_lib!("queue_state.lua"),
+            set_flag: script_with_lib!("set_flag.lua"),
+            requeue_dead: script_with_lib!("requeue_dead.lua"),
+            purge: script_with_lib!("purge.lua"),
         }
     }
 }

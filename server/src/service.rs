@@ -15,7 +15,7 @@ use crate::{
     lease::{self, LeaseCall},
     lease_id::LeaseId,
     notify::Notifier,
-    store::{FailOutcome, Store},
+    store::{FailOutcome, QueueSnapshot, Store},
     validate,
 };
 
@@ -103,7 +103,28 @@ fn item_state(code: &[u8]) -> pb::ItemState {
     }
 }
 
-fn stored_item(id: String, fields: Vec<(String, Bytes)>) -> pb::Item {
+/// Builds the QueueState answer from a snapshot.
+pub(crate) fn queue_state_response(queue: String, s: QueueSnapshot) -> pb::QueueStateResponse {
+    pb::QueueStateResponse {
+        drained: s.ready + s.leased + s.delayed == 0,
+        queue,
+        ready: s.ready,
+        leased: s.leased,
+        delayed: s.delayed,
+        dead: s.dead,
+        enqueued_total: s.enqueued_total,
+        completed_total: s.completed_total,
+        failed_total: s.failed_total,
+        reclaimed_total: s.reclaimed_total,
+        paused: s.paused,
+        oldest_ready_enqueue_time: s.oldest_ready_enqueue_ms.map(timestamp),
+        dead_dropped_total: s.dead_dropped_total,
+        sealed: s.sealed,
+    }
+}
+
+/// Builds the API view of an item from its stored fields.
+pub(crate) fn stored_item(id: String, fields: Vec<(String, Bytes)>) -> pb::Item {
     let mut item = pb::Item {
         id,
         ..pb::Item::default()
@@ -145,7 +166,7 @@ fn stored_item(id: String, fields: Vec<(String, Bytes)>) -> pb::Item {
 
 /// Records the call's outcome on its span (OK or the status code) and logs failures at the
 /// level they deserve: caller mistakes at debug, unavailability at warn (already logged).
-fn traced<T>(result: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
+pub(crate) fn traced<T>(result: Result<Response<T>, Status>) -> Result<Response<T>, Status> {
     let span = tracing::Span::current();
     match &result {
         Ok(_) => {
@@ -342,23 +363,8 @@ impl Broker {
     ) -> Result<Response<pb::QueueStateResponse>, Status> {
         let queue = request.into_inner().queue;
         validate::queue_name(&queue)?;
-        let s = self.store.queue_state(&queue).await?;
-        Ok(Response::new(pb::QueueStateResponse {
-            drained: s.ready + s.leased + s.delayed == 0,
-            queue,
-            ready: s.ready,
-            leased: s.leased,
-            delayed: s.delayed,
-            dead: s.dead,
-            enqueued_total: s.enqueued_total,
-            completed_total: s.completed_total,
-            failed_total: s.failed_total,
-            reclaimed_total: s.reclaimed_total,
-            paused: s.paused,
-            oldest_ready_enqueue_time: s.oldest_ready_enqueue_ms.map(timestamp),
-            dead_dropped_total: s.dead_dropped_total,
-            sealed: s.sealed,
-        }))
+        let snapshot = self.store.queue_state(&queue).await?;
+        Ok(Response::new(queue_state_response(queue, snapshot)))
     }
 
     async fn get_item_call(

@@ -193,8 +193,37 @@ impl Store {
         &self.channel
     }
 
-    fn keys(&self, queue: &str) -> QueueKeys {
+    pub(crate) fn keys(&self, queue: &str) -> QueueKeys {
         QueueKeys::new(&self.config.key_prefix, queue)
+    }
+
+    pub(crate) fn scripts(&self) -> &Scripts {
+        &self.scripts
+    }
+
+    pub(crate) fn config(&self) -> &BrokerConfig {
+        &self.config
+    }
+
+    /// Runs one script call, bounded by the Redis timeout.
+    pub(crate) async fn invoke(&self, call: &redis::ScriptInvocation<'_>) -> Result<Value> {
+        let mut conn = self.conn.clone();
+        self.bounded(call.invoke_async(&mut conn)).await
+    }
+
+    /// Runs one plain command, bounded by the Redis timeout.
+    pub(crate) async fn command<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T> {
+        let mut conn = self.conn.clone();
+        self.bounded(cmd.query_async(&mut conn)).await
+    }
+
+    /// Runs a pipeline in one round trip, bounded by the Redis timeout.
+    pub(crate) async fn pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+    ) -> Result<T> {
+        let mut conn = self.conn.clone();
+        self.bounded(pipe.query_async(&mut conn)).await
     }
 
     /// Bounds a Redis call by the configured timeout.
@@ -213,14 +242,11 @@ impl Store {
     /// # Errors
     /// UNAVAILABLE when it does not within the Redis timeout.
     pub async fn ping(&self) -> Result<()> {
-        let mut conn = self.conn.clone();
-        let _: String = self
-            .bounded(redis::cmd("PING").query_async(&mut conn))
-            .await?;
+        let _: String = self.command(&redis::cmd("PING")).await?;
         Ok(())
     }
 
-    async fn register(&self, queue: &str) -> Result<()> {
+    pub(crate) async fn register(&self, queue: &str) -> Result<()> {
         let known = self
             .registered
             .lock()
@@ -229,18 +255,23 @@ impl Store {
         if known {
             return Ok(());
         }
-        let mut conn = self.conn.clone();
         let _: i64 = self
-            .bounded(
-                redis::cmd("SADD")
-                    .arg(&self.registry)
-                    .arg(queue)
-                    .query_async(&mut conn),
-            )
+            .command(redis::cmd("SADD").arg(&self.registry).arg(queue))
             .await?;
         if let Ok(mut set) = self.registered.lock() {
             set.insert(queue.to_owned());
         }
+        Ok(())
+    }
+
+    /// Removes a deleted queue from the registry.
+    pub(crate) async fn unregister(&self, queue: &str) -> Result<()> {
+        if let Ok(mut set) = self.registered.lock() {
+            set.remove(queue);
+        }
+        let _: i64 = self
+            .command(redis::cmd("SREM").arg(&self.registry).arg(queue))
+            .await?;
         Ok(())
     }
 
@@ -249,13 +280,8 @@ impl Store {
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
     pub async fn known_queues(&self) -> Result<Vec<String>> {
-        let mut conn = self.conn.clone();
-        self.bounded(
-            redis::cmd("SMEMBERS")
-                .arg(&self.registry)
-                .query_async(&mut conn),
-        )
-        .await
+        self.command(redis::cmd("SMEMBERS").arg(&self.registry))
+            .await
     }
 
     /// Enqueues a validated batch; returns the duplicate flag of each item.
@@ -286,8 +312,7 @@ impl Store {
                 .arg(item.max_attempts)
                 .arg(item.headers.as_ref());
         }
-        let mut conn = self.conn.clone();
-        let reply = reply::array("enqueue", self.bounded(call.invoke_async(&mut conn)).await?)?;
+        let reply = reply::array("enqueue", self.invoke(&call).await?)?;
         let (status, flags) = reply
             .split_first()
             .ok_or_else(|| Error::Internal("empty enqueue reply".into()))?;
@@ -328,8 +353,7 @@ impl Store {
             .arg(self.config.dead_max_count)
             .arg(&self.channel)
             .arg(queue);
-        let mut conn = self.conn.clone();
-        let reply = reply::array("lease", self.bounded(call.invoke_async(&mut conn)).await?)?;
+        let reply = reply::array("lease", self.invoke(&call).await?)?;
         let [now, expire, drained, next_due, ready_left, items]: [Value; 6] = reply
             .try_into()
             .map_err(|_| Error::Internal("lease reply has the wrong length".into()))?;
@@ -365,8 +389,7 @@ impl Store {
         for l in leases {
             call.arg(&l.item_id).arg(&l.token);
         }
-        let mut conn = self.conn.clone();
-        let reply = reply::array("extend", self.bounded(call.invoke_async(&mut conn)).await?)?;
+        let reply = reply::array("extend", self.invoke(&call).await?)?;
         let (expire, flags) = reply
             .split_first()
             .ok_or_else(|| Error::Internal("empty extend reply".into()))?;
@@ -393,11 +416,7 @@ impl Store {
         for (l, result) in completions {
             call.arg(&l.item_id).arg(&l.token).arg(result.as_ref());
         }
-        let mut conn = self.conn.clone();
-        let reply = reply::array(
-            "complete",
-            self.bounded(call.invoke_async(&mut conn)).await?,
-        )?;
+        let reply = reply::array("complete", self.invoke(&call).await?)?;
         reply::flags("complete flags", &reply)
     }
 
@@ -433,8 +452,7 @@ impl Store {
             .arg(self.config.dead_max_count)
             .arg(&self.channel)
             .arg(queue);
-        let mut conn = self.conn.clone();
-        let reply = reply::array("fail", self.bounded(call.invoke_async(&mut conn)).await?)?;
+        let reply = reply::array("fail", self.invoke(&call).await?)?;
         let [ok, state, next]: [Value; 3] = reply
             .try_into()
             .map_err(|_| Error::Internal("fail reply has the wrong length".into()))?;
@@ -463,8 +481,7 @@ impl Store {
         for l in leases {
             call.arg(&l.item_id).arg(&l.token);
         }
-        let mut conn = self.conn.clone();
-        let reply = reply::array("release", self.bounded(call.invoke_async(&mut conn)).await?)?;
+        let reply = reply::array("release", self.invoke(&call).await?)?;
         reply::flags("release flags", &reply)
     }
 
@@ -481,8 +498,7 @@ impl Store {
             .key(&k.meta)
             .arg(&k.item_prefix)
             .arg(OLDEST_READY_BANDS);
-        let mut conn = self.conn.clone();
-        let reply = reply::array("state", self.bounded(call.invoke_async(&mut conn)).await?)?;
+        let reply = reply::array("state", self.invoke(&call).await?)?;
         let [ready, leased, delayed, dead, oldest, meta]: [Value; 6] = reply
             .try_into()
             .map_err(|_| Error::Internal("state reply has the wrong length".into()))?;
@@ -521,10 +537,7 @@ impl Store {
     /// UNAVAILABLE when Redis does not answer.
     pub async fn get_item(&self, queue: &str, id: &str) -> Result<Option<Vec<(String, Bytes)>>> {
         let key = self.keys(queue).item(id);
-        let mut conn = self.conn.clone();
-        let value: Value = self
-            .bounded(redis::cmd("HGETALL").arg(&key).query_async(&mut conn))
-            .await?;
+        let value: Value = self.command(redis::cmd("HGETALL").arg(&key)).await?;
         let fields = reply::pairs("item", value)?;
         Ok((!fields.is_empty()).then_some(fields))
     }
@@ -546,8 +559,7 @@ impl Store {
             .arg(millis(self.config.dead_max_age))
             .arg(&self.channel)
             .arg(queue);
-        let mut conn = self.conn.clone();
-        let reply = reply::array("reap", self.bounded(call.invoke_async(&mut conn)).await?)?;
+        let reply = reply::array("reap", self.invoke(&call).await?)?;
         let [reclaimed, promoted, dropped, ready, more]: [Value; 5] = reply
             .try_into()
             .map_err(|_| Error::Internal("reap reply has the wrong length".into()))?;

@@ -14,6 +14,9 @@ pub use wq_server::{config::BrokerConfig, dev::RedisProcess};
 /// A gRPC client of the work-queue service.
 pub type Client = pb::work_queue_service_client::WorkQueueServiceClient<Channel>;
 
+/// A gRPC client of the queue administration service.
+pub type AdminClient = pb::queue_admin_service_client::QueueAdminServiceClient<Channel>;
+
 /// Starts a private Redis without persistence, or panics saying how to install it.
 pub async fn redis() -> RedisProcess {
     match RedisProcess::start().await {
@@ -84,6 +87,11 @@ impl Broker {
         Client::connect(self.url())
             .await
             .expect("connecting to the broker")
+    }
+
+    /// A new admin client connection.
+    pub async fn admin(&self) -> AdminClient {
+        AdminClient::new(self.channel().await)
     }
 
     /// A channel for other services (health, reflection).

@@ -1,6 +1,7 @@
 //! Integration tests of the wq broker: real redis-server, real gRPC, one binary with a module
 //! per feature to keep link times down.
 
+mod admin;
 mod bad_input;
 mod enqueue;
 mod lease;
