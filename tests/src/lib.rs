@@ -287,3 +287,30 @@ pub async fn redis_dump(redis: &RedisProcess) -> Vec<(String, Vec<u8>)> {
     }
     out
 }
+
+/// The path of a workspace binary (`wq`, `wq-server`, …), building it first when a plain
+/// `cargo test -p wq-tests` did not.
+pub fn binary(name: &str) -> std::path::PathBuf {
+    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    // Test binaries live in target/<profile>/deps; the workspace binaries one level up.
+    let dir = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.to_path_buf()))
+        .expect("the test binary has a target directory");
+    let path = dir.join(name);
+    let _guard = BUILD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !path.exists() {
+        let package = match name {
+            "wq" => "wq-client",
+            other => other,
+        };
+        let status = std::process::Command::new(env!("CARGO"))
+            .args(["build", "--quiet", "-p", package, "--bin", name])
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building {name} failed");
+    }
+    path
+}

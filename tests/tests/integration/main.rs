@@ -3,6 +3,8 @@
 
 mod admin;
 mod bad_input;
+mod cli;
+mod client;
 mod enqueue;
 mod lease;
 mod lifecycle;
