@@ -10,3 +10,4 @@ mod lease;
 mod lifecycle;
 mod outage;
 mod tools;
+mod worker;

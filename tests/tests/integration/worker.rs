@@ -1,0 +1,312 @@
+//! The `wq-worker` binary end to end: the walkthrough with two parallel workers, a worker killed
+//! mid-item, SIGTERM, failing commands into the dead letters and back, and `--until sealed`.
+
+use std::{
+    collections::HashMap,
+    process::{Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use tokio::process::{Child, Command};
+use wq_tests::*;
+
+fn worker(broker: &Broker, queue: &str, extra: &[&str]) -> Child {
+    Command::new(binary("wq-worker"))
+        .args([
+            "--broker",
+            &broker.url(),
+            "--queue",
+            queue,
+            "--max-wait",
+            "500ms",
+        ])
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("wq-worker starts")
+}
+
+async fn finish(child: Child, within: Duration) -> Output {
+    tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .expect("the worker exits in time")
+        .expect("the worker's output")
+}
+
+fn signal(child: &Child, sig: &str) {
+    let pid = child.id().expect("running").to_string();
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+}
+
+async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what} did not happen within 15 s");
+}
+
+#[tokio::test]
+async fn two_parallel_workers_drain_the_walkthrough_queue_and_exit_zero() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    let fruit = [
+        "apple", "banana", "cherry", "date", "fig", "grape", "lemon", "melon", "orange",
+    ];
+    enqueue(
+        &mut client,
+        "job2",
+        fruit.iter().map(|f| item_with_id(f, f)).collect(),
+    )
+    .await;
+    let workers = [
+        worker(&broker, "job2", &["--work-time", "100ms"]),
+        worker(&broker, "job2", &["--work-time", "100ms"]),
+    ];
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for child in workers {
+        let output = finish(child, Duration::from_secs(30)).await;
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "worker exits 0: {err}");
+        assert!(err.contains("queue drained, exiting"), "{err}");
+        assert!(err.contains("initial queue state"), "{err}");
+        for line in String::from_utf8_lossy(&output.stdout).lines() {
+            let name = line
+                .strip_prefix("Working on ")
+                .expect("the demo worker's line");
+            *seen.entry(name.to_owned()).or_default() += 1;
+        }
+    }
+    assert_eq!(seen.len(), 9, "{seen:?}");
+    assert!(
+        seen.values().all(|n| *n == 1),
+        "every item exactly once: {seen:?}"
+    );
+    let s = state(&mut client, "job2").await;
+    assert_eq!(
+        (s.completed_total, s.drained, s.reclaimed_total),
+        (9, true, 0)
+    );
+}
+
+#[tokio::test]
+async fn killed_worker_item_is_processed_by_another_after_lease_expiry() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    enqueue(&mut client, "q", vec![item_with_id("only", "x")]).await;
+    let doomed = worker(
+        &broker,
+        "q",
+        &[
+            "--lease-duration",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            "cat >/dev/null; sleep 3",
+        ],
+    );
+    wait_until("the item is leased", async || {
+        state(&mut client, "q").await.leased == 1
+    })
+    .await;
+    signal(&doomed, "-KILL");
+    let survivor = worker(
+        &broker,
+        "q",
+        &[
+            "--lease-duration",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            "echo attempt $WQ_ATTEMPT",
+        ],
+    );
+    let output = finish(survivor, Duration::from_secs(30)).await;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let s = state(&mut client, "q").await;
+    assert_eq!(
+        (s.completed_total, s.reclaimed_total, s.dead, s.drained),
+        (1, 1, 0, true)
+    );
+}
+
+#[tokio::test]
+async fn sigterm_releases_unfinished_items_at_once() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    enqueue(
+        &mut client,
+        "q",
+        vec![item_with_id("a", "x"), item_with_id("b", "y")],
+    )
+    .await;
+    let child = worker(
+        &broker,
+        "q",
+        &[
+            "--concurrency",
+            "2",
+            "--shutdown-grace",
+            "300ms",
+            "--",
+            "sleep",
+            "30",
+        ],
+    );
+    wait_until("both items leased", async || {
+        state(&mut client, "q").await.leased == 2
+    })
+    .await;
+    let signalled = Instant::now();
+    signal(&child, "-TERM");
+    let output = finish(child, Duration::from_secs(10)).await;
+    assert!(output.status.success());
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        signalled.elapsed()
+    );
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("released unfinished items"), "{err}");
+    let s = state(&mut client, "q").await;
+    assert_eq!((s.ready, s.leased), (2, 0));
+    let again = lease(&mut client, "q", 2, Duration::from_secs(30)).await;
+    assert!(
+        again.items.iter().all(|i| i.attempt == 1),
+        "a release is not an attempt"
+    );
+}
+
+#[tokio::test]
+async fn always_failing_command_ends_dead_and_requeue_brings_it_back() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    enqueue(
+        &mut client,
+        "q",
+        vec![pb::EnqueueItem {
+            max_attempts: 3,
+            ..item_with_id("bad", "x")
+        }],
+    )
+    .await;
+    let child = worker(
+        &broker,
+        "q",
+        &["--", "sh", "-c", "echo boom on $WQ_ITEM_ID >&2; exit 1"],
+    );
+    let output = finish(child, Duration::from_secs(30)).await;
+    assert!(
+        output.status.success(),
+        "drained (dead letters do not count): exit 0"
+    );
+    let s = state(&mut client, "q").await;
+    assert_eq!((s.dead, s.failed_total, s.drained), (1, 3, true));
+    let dead = client
+        .get_item(pb::GetItemRequest {
+            queue: "q".into(),
+            id: "bad".into(),
+        })
+        .await
+        .expect("kept")
+        .into_inner()
+        .item
+        .expect("item");
+    assert!(
+        dead.last_error.contains("boom on bad"),
+        "{}",
+        dead.last_error
+    );
+
+    let requeued = Command::new(binary("wq"))
+        .args(["--broker", &broker.url(), "requeue", "q", "--all"])
+        .output()
+        .await
+        .expect("wq runs");
+    assert!(String::from_utf8_lossy(&requeued.stdout).contains("requeued 1"));
+    assert_eq!(state(&mut client, "q").await.ready, 1);
+}
+
+#[tokio::test]
+async fn permanent_exit_code_dead_letters_at_once_and_stdout_becomes_the_result() {
+    let redis = redis().await;
+    let config = BrokerConfig {
+        completed_retention: Duration::from_secs(60),
+        ..test_config()
+    };
+    let broker = Broker::start_with(&redis.url(), config).await;
+    let mut client = broker.client().await;
+    enqueue(
+        &mut client,
+        "q",
+        vec![item_with_id("good", "hello"), item_with_id("fatal", "x")],
+    )
+    .await;
+    let script = r#"if [ "$WQ_ITEM_ID" = fatal ]; then exit 100; fi; printf 'got '; cat; printf " in $WQ_QUEUE""#;
+    let output = finish(
+        worker(&broker, "q", &["--", "sh", "-c", script]),
+        Duration::from_secs(30),
+    )
+    .await;
+    assert!(output.status.success());
+    let good = client
+        .get_item(pb::GetItemRequest {
+            queue: "q".into(),
+            id: "good".into(),
+        })
+        .await
+        .expect("retained")
+        .into_inner()
+        .item
+        .expect("item");
+    assert_eq!(good.result.as_ref(), b"got hello in q");
+    let s = state(&mut client, "q").await;
+    assert_eq!((s.dead, s.failed_total, s.completed_total), (1, 1, 1));
+}
+
+#[tokio::test]
+async fn until_sealed_waits_for_the_seal_then_exits() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    enqueue(&mut client, "q", vec![item("first")]).await;
+    let mut child = worker(&broker, "q", &["--until", "sealed", "--work-time", "10ms"]);
+    wait_until("the first item is done", async || {
+        state(&mut client, "q").await.completed_total == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        child.try_wait().expect("status").is_none(),
+        "drained but not sealed: still running"
+    );
+    enqueue(&mut client, "q", vec![item("second")]).await;
+    let mut admin = broker.admin().await;
+    admin
+        .seal_queue(pb::SealQueueRequest { queue: "q".into() })
+        .await
+        .expect("seal");
+    let output = finish(child, Duration::from_secs(10)).await;
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("sealed and drained, exiting"));
+    assert_eq!(state(&mut client, "q").await.completed_total, 2);
+}

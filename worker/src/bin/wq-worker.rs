@@ -1,0 +1,159 @@
+//! The `wq-worker` binary for Kubernetes Job pods: lease items from a queue, run a command per
+//! item (or print and sleep, like the walkthrough's worker), exit 0 when the queue is drained.
+
+use std::{process::ExitCode, sync::Arc, time::Duration};
+
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+use wq_client::{Client, DEFAULT_BROKER};
+use wq_worker::{
+    ExitPolicy, Worker, WorkerConfig,
+    command::{CommandHandler, DEFAULT_PERMANENT_EXIT, SleepHandler},
+};
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Until {
+    /// Exit when the queue has nothing ready, leased or delayed.
+    Drained,
+    /// Exit when the queue is sealed and drained.
+    Sealed,
+}
+
+/// Lease items from a wq queue and run COMMAND once per item (payload on stdin; WQ_QUEUE,
+/// WQ_ITEM_ID and WQ_ATTEMPT in the environment). Exit status 0 completes the item with stdout as
+/// its result; the --permanent-exit-code status dead-letters it; any other status retries it with
+/// the tail of stderr as the error. Without COMMAND, print each item and sleep --work-time.
+#[derive(Debug, Parser)]
+#[command(name = "wq-worker", version)]
+struct Args {
+    /// The broker's URL.
+    #[arg(long, env = "WQ_BROKER", default_value = DEFAULT_BROKER)]
+    broker: String,
+    /// The queue to work on.
+    #[arg(long, env = "WQ_QUEUE")]
+    queue: String,
+    /// Items in work at once.
+    #[arg(long, env = "WQ_CONCURRENCY", default_value_t = 1)]
+    concurrency: u32,
+    /// Lease duration; extended in the background while an item is in work.
+    #[arg(long, env = "WQ_LEASE_DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    /// How long one Lease call waits for work.
+    #[arg(long, env = "WQ_MAX_WAIT", default_value = "5s", value_parser = humantime::parse_duration)]
+    max_wait: Duration,
+    /// When to exit.
+    #[arg(long, env = "WQ_UNTIL", value_enum, default_value_t = Until::Drained, conflicts_with = "forever")]
+    until: Until,
+    /// Never exit on an empty queue (Deployment-style workers); only SIGTERM stops it.
+    #[arg(long, env = "WQ_FOREVER")]
+    forever: bool,
+    /// How long running items may go on after SIGTERM before they are released.
+    #[arg(long, env = "WQ_SHUTDOWN_GRACE", default_value = "20s", value_parser = humantime::parse_duration)]
+    shutdown_grace: Duration,
+    /// Exit status of COMMAND that means "permanent failure: dead-letter now".
+    #[arg(long, env = "WQ_PERMANENT_EXIT_CODE", default_value_t = DEFAULT_PERMANENT_EXIT)]
+    permanent_exit_code: i32,
+    /// Without COMMAND: how long each item's "work" takes.
+    #[arg(long, env = "WQ_WORK_TIME", default_value = "1s", value_parser = humantime::parse_duration)]
+    work_time: Duration,
+    /// The command to run per item, after `--`.
+    #[arg(last = true)]
+    command: Vec<String>,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let client = match connect(&args.broker).await {
+        Some(client) => client,
+        None => return ExitCode::FAILURE,
+    };
+    let config = WorkerConfig {
+        queue: args.queue.clone(),
+        concurrency: args.concurrency,
+        lease_duration: args.lease_duration,
+        max_wait: args.max_wait,
+        exit: match (args.forever, args.until) {
+            (true, _) => ExitPolicy::Forever,
+            (false, Until::Drained) => ExitPolicy::Drained,
+            (false, Until::Sealed) => ExitPolicy::Sealed,
+        },
+        shutdown_grace: args.shutdown_grace,
+        worker_id: String::new(),
+    };
+    let worker = Worker::new(client, config);
+    let shutdown = CancellationToken::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        signal().await;
+        tracing::info!("termination requested");
+        trigger.cancel();
+    });
+    let summary = match args.command.split_first() {
+        Some((program, rest)) => {
+            let handler = CommandHandler {
+                program: program.clone(),
+                args: rest.to_vec(),
+                queue: args.queue,
+                permanent_exit: args.permanent_exit_code,
+            };
+            worker.run(Arc::new(handler), shutdown).await
+        }
+        None => {
+            let handler = SleepHandler {
+                work_time: args.work_time,
+            };
+            worker.run(Arc::new(handler), shutdown).await
+        }
+    };
+    tracing::info!(
+        completed = summary.completed,
+        failed = summary.failed,
+        lost = summary.lost,
+        released = summary.released,
+        "worker stopped"
+    );
+    ExitCode::SUCCESS
+}
+
+/// Connects, retrying while the broker is not up yet (pods may start before it), for a minute.
+async fn connect(url: &str) -> Option<Client> {
+    let mut delay = Duration::from_millis(200);
+    for _ in 0..20 {
+        match Client::connect(url).await {
+            Ok(client) => return Some(client),
+            Err(error @ wq_client::Error::InvalidUrl { .. }) => {
+                eprintln!("error: {error}");
+                return None;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "broker not reachable yet; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    eprintln!("error: cannot reach the broker at {url}");
+    None
+}
+
+async fn signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! wq-worker: leases items from a wq broker and runs a handler on each.
+//!
+//! A [`Worker`] keeps up to `concurrency` items in work. It leases as many items as it has free
+//! slots in one call, extends each lease in the background while its handler runs (a heartbeat
+//! at a third of the lease duration), reports the handler's [`Outcome`], and exits according to
+//! its [`ExitPolicy`]: when the queue is drained (the Kubernetes example's `while not q.empty()`),
+//! when it is sealed and drained, or never. On shutdown it stops leasing, gives running handlers
+//! a grace period, then releases what is unfinished so other workers get it at once. Broker
+//! outages are retried with backoff; the worker never crashes on them and never drops an item
+//! (an item it cannot report is released or, at worst, reclaimed when its lease expires).
+//!
+//! # Layout
+//!
+//! - this file: the public types;
+//! - [`worker`]: the lease loop and per-item task;
+//! - [`command`]: the handler that runs an external command per item (the `wq-worker` binary's).
+
+pub mod command;
+pub mod worker;
+
+use std::{future::Future, time::Duration};
+
+use bytes::Bytes;
+pub use worker::{RunSummary, Worker};
+pub use wq_client::pb::LeasedItem;
+
+/// What a handler decided about one item.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done; the bytes are kept as the item's result (if the broker retains results).
+    Complete(Bytes),
+    /// Failed, worth another attempt: after `delay`, or the broker's backoff when None.
+    Retry {
+        /// What went wrong (stored as the item's last error).
+        error: String,
+        /// When to retry.
+        delay: Option<Duration>,
+    },
+    /// Failed for good: dead-letter the item now.
+    DeadLetter(String),
+}
+
+/// The work done on each item.
+pub trait Handler: Send + Sync + 'static {
+    /// Processes one leased item. Cancellation (at shutdown, after the grace period) drops the
+    /// future; the item is then released.
+    fn handle(&self, item: &LeasedItem) -> impl Future<Output = Outcome> + Send;
+}
+
+/// When a worker stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitPolicy {
+    /// Once the queue has no ready, leased or delayed items (Job pods).
+    Drained,
+    /// Once the queue is sealed and drained: no more work will come.
+    Sealed,
+    /// Never; only a shutdown signal stops it (Deployment-style workers).
+    Forever,
+}
+
+/// How a worker behaves.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// The queue to work on.
+    pub queue: String,
+    /// Items in work at once.
+    pub concurrency: u32,
+    /// Lease duration asked for; heartbeats extend it while a handler runs.
+    pub lease_duration: Duration,
+    /// How long one Lease call waits for work.
+    pub max_wait: Duration,
+    /// When to stop.
+    pub exit: ExitPolicy,
+    /// How long running handlers may go on after shutdown is requested.
+    pub shutdown_grace: Duration,
+    /// Name in the broker's logs; a random session id when empty.
+    pub worker_id: String,
+}
+
+impl WorkerConfig {
+    /// A configuration with defaults for `queue`: concurrency 1, 30 s leases, 5 s waits, exit when
+    /// drained, 20 s grace.
+    pub fn new(queue: impl Into<String>) -> Self {
+        Self {
+            queue: queue.into(),
+            concurrency: 1,
+            lease_duration: Duration::from_secs(30),
+            max_wait: Duration::from_secs(5),
+            exit: ExitPolicy::Drained,
+            shutdown_grace: Duration::from_secs(20),
+            worker_id: String::new(),
+        }
+    }
+}
