@@ -38,6 +38,7 @@ redis.call('HSET', item_key, 'err', err)
 
 if dead_now or attempts >= tonumber(f[3]) then
   make_dead(k_dead, k_meta, item_prefix, item_key, id, now, err, max_dead)
+  notify_if_drained(k_ready, k_leased, k_delayed, channel, queue)
   return {1, 'x', 0}
 end
 

@@ -111,6 +111,14 @@ local function is_drained(k_ready, k_leased, k_delayed)
     + redis.call('ZCARD', k_delayed) == 0
 end
 
+-- Announces that the queue just became drained (message count 0), so waiting workers that exit
+-- on a drained queue learn it at once instead of at the end of their wait.
+local function notify_if_drained(k_ready, k_leased, k_delayed, channel, queue)
+  if is_drained(k_ready, k_leased, k_delayed) then
+    redis.call('PUBLISH', channel, '0:' .. queue)
+  end
+end
+
 -- The earliest delayed item's due time, or 0, so an idle waiter knows when to look again.
 local function next_due(k_delayed)
   local first = redis.call('ZRANGE', k_delayed, 0, 0, 'WITHSCORES')

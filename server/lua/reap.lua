@@ -41,6 +41,10 @@ end
 dropped = dropped + trim_dead_count(k_dead, k_meta, item_prefix, max_dead)
 
 notify_ready(channel, queue, readied + promoted)
+if reclaimed > readied then
+  -- Some reclaimed leases went to the dead letters: that may have drained the queue.
+  notify_if_drained(k_ready, k_leased, k_delayed, channel, queue)
+end
 local more = 0
 if reclaimed >= limit or promoted >= limit or dropped >= limit then
   more = 1

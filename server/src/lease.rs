@@ -3,6 +3,8 @@
 //! A Lease with `max_wait` first tries to lease; when nothing is ready it waits for a
 //! notification (see [`crate::notify`]), the due time of the earliest delayed item, a slow
 //! re-check, the caller's deadline, or broker shutdown, whichever comes first, and tries again.
+//! With `return_if_drained` it also returns, empty, as soon as the queue is drained; scripts
+//! announce the moment a queue drains, so such a waiter hears of it at once.
 //! Each script call runs in its own task: if the caller goes away while items are being leased
 //! for it, the task gives them back at once instead of leaving them to expire.
 
@@ -29,6 +31,8 @@ pub struct LeaseCall {
     pub lease: Duration,
     /// How long to wait for work, already capped by the caller's deadline.
     pub max_wait: Duration,
+    /// End the wait when the queue is drained.
+    pub return_if_drained: bool,
 }
 
 /// Leases with waiting, as described in the module docs.
@@ -52,7 +56,8 @@ pub async fn lease_or_wait(
 
         let batch = lease_once(store, call).await?;
         let now = Instant::now();
-        if !batch.items.is_empty() || now >= deadline || shutdown.is_cancelled() {
+        let drained_news = call.return_if_drained && batch.drained;
+        if !batch.items.is_empty() || now >= deadline || shutdown.is_cancelled() || drained_news {
             if batch.ready_left > 0 {
                 // More work is ready: pass the baton to the next local waiter.
                 notifier.wake(&call.queue, batch.ready_left);

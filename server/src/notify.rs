@@ -49,9 +49,14 @@ impl Notifier {
     }
 
     /// Wakes up to `count` waiters of `queue`: one per item that became ready, so a single
-    /// item does not send every waiter to Redis.
+    /// item does not send every waiter to Redis. A count of 0 means the queue just drained and
+    /// wakes every waiter, so those that asked to return on a drained queue hear of it at once.
     pub fn wake(&self, queue: &str, count: u64) {
         if let Some(notify) = self.get(queue) {
+            if count == 0 {
+                notify.notify_waiters();
+                return;
+            }
             for _ in 0..count.min(MAX_WAKE_PER_MESSAGE) {
                 notify.notify_one();
             }

@@ -224,6 +224,7 @@ impl Broker {
             max_items,
             lease,
             max_wait,
+            return_if_drained: request.return_if_drained,
         };
         let batch = lease::lease_or_wait(
             &self.store,

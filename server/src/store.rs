@@ -411,8 +411,12 @@ impl Store {
         let k = self.keys(queue);
         let mut call = self.scripts.complete.key(&k.leased);
         call.key(&k.meta)
+            .key(&k.ready)
+            .key(&k.delayed)
             .arg(&k.item_prefix)
-            .arg(millis(self.config.completed_retention));
+            .arg(millis(self.config.completed_retention))
+            .arg(&self.channel)
+            .arg(queue);
         for (l, result) in completions {
             call.arg(&l.item_id).arg(&l.token).arg(result.as_ref());
         }

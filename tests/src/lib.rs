@@ -288,29 +288,32 @@ pub async fn redis_dump(redis: &RedisProcess) -> Vec<(String, Vec<u8>)> {
     out
 }
 
-/// The path of a workspace binary (`wq`, `wq-server`, …), building it first when a plain
-/// `cargo test -p wq-tests` did not.
+/// The path of a workspace binary (`wq`, `wq-server`, `wq-worker`), built (or confirmed fresh)
+/// once per test process: `cargo test` does not rebuild other packages' binaries by itself, and a
+/// stale binary would test old code.
 pub fn binary(name: &str) -> std::path::PathBuf {
-    static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     // Test binaries live in target/<profile>/deps; the workspace binaries one level up.
     let dir = std::env::current_exe()
         .ok()
         .and_then(|exe| Some(exe.parent()?.parent()?.to_path_buf()))
         .expect("the test binary has a target directory");
-    let path = dir.join(name);
-    let _guard = BUILD
+    let mut built = BUILT
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if !path.exists() {
+    if !built.iter().any(|b| b == name) {
         let package = match name {
             "wq" => "wq-client",
             other => other,
         };
-        let status = std::process::Command::new(env!("CARGO"))
-            .args(["build", "--quiet", "-p", package, "--bin", name])
-            .status()
-            .expect("cargo runs");
+        let mut command = std::process::Command::new(env!("CARGO"));
+        command.args(["build", "--quiet", "-p", package, "--bin", name]);
+        if dir.file_name().is_some_and(|profile| profile == "release") {
+            command.arg("--release");
+        }
+        let status = command.status().expect("cargo runs");
         assert!(status.success(), "building {name} failed");
+        built.push(name.to_owned());
     }
-    path
+    dir.join(name)
 }

@@ -111,6 +111,9 @@ impl Worker {
                 lease_duration: Some(duration(self.config.lease_duration)),
                 max_wait: Some(duration(self.config.max_wait)),
                 worker_id: self.config.worker_id.clone(),
+                // A worker that may exit hears of a drained queue at once instead of after
+                // a full wait.
+                return_if_drained: self.config.exit != ExitPolicy::Forever,
             };
             let reply = tokio::select! {
                 reply = self.client.lease(request) => reply,
@@ -152,6 +155,9 @@ impl Worker {
             drop(held);
             if got_items || !reply.drained {
                 continue;
+            }
+            while let Some(ended) = tasks.try_join_next() {
+                tally(&mut summary, ended);
             }
             // Drained: items in work may still fail and come back, so finish them first.
             if !tasks.is_empty() {

@@ -262,3 +262,65 @@ async fn items_leased_for_a_caller_that_went_away_are_released() {
         "a release does not count as an attempt"
     );
 }
+
+#[tokio::test]
+async fn return_if_drained_ends_the_wait_when_the_last_item_completes_elsewhere() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    enqueue(&mut client, "q", vec![item("last")]).await;
+    let held = lease(&mut client, "q", 1, Duration::from_secs(30)).await;
+    let mut waiter = broker.client().await;
+    let wait = tokio::spawn(async move {
+        let started = Instant::now();
+        let reply = waiter
+            .lease(pb::LeaseRequest {
+                queue: "q".into(),
+                max_wait: Some(duration(Duration::from_secs(20))),
+                return_if_drained: true,
+                ..Default::default()
+            })
+            .await
+            .expect("lease")
+            .into_inner();
+        (reply, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    complete(&mut client, "q", &[held.items[0].lease_id.clone()]).await;
+    let (reply, waited) = wait.await.expect("waiter");
+    assert!(reply.items.is_empty() && reply.drained);
+    assert!(
+        waited < Duration::from_secs(3),
+        "told of the drain at once: {waited:?}"
+    );
+
+    // Asked again, it returns at once; a waiter that did not ask waits its full max_wait.
+    let started = Instant::now();
+    let again = client
+        .lease(pb::LeaseRequest {
+            queue: "q".into(),
+            max_wait: Some(duration(Duration::from_secs(20))),
+            return_if_drained: true,
+            ..Default::default()
+        })
+        .await
+        .expect("lease")
+        .into_inner();
+    assert!(again.drained && started.elapsed() < Duration::from_secs(2));
+    let started = Instant::now();
+    let idle = client
+        .lease(pb::LeaseRequest {
+            queue: "q".into(),
+            max_wait: Some(duration(Duration::from_millis(400))),
+            ..Default::default()
+        })
+        .await
+        .expect("lease")
+        .into_inner();
+    assert!(idle.drained);
+    assert!(
+        started.elapsed() >= Duration::from_millis(380),
+        "{:?}",
+        started.elapsed()
+    );
+}

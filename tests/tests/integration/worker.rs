@@ -11,15 +11,12 @@ use tokio::process::{Child, Command};
 use wq_tests::*;
 
 fn worker(broker: &Broker, queue: &str, extra: &[&str]) -> Child {
-    Command::new(binary("wq-worker"))
-        .args([
-            "--broker",
-            &broker.url(),
-            "--queue",
-            queue,
-            "--max-wait",
-            "500ms",
-        ])
+    let mut command = Command::new(binary("wq-worker"));
+    command.args(["--broker", &broker.url(), "--queue", queue]);
+    if !extra.contains(&"--max-wait") {
+        command.args(["--max-wait", "500ms"]);
+    }
+    command
         .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -69,9 +66,19 @@ async fn two_parallel_workers_drain_the_walkthrough_queue_and_exit_zero() {
         fruit.iter().map(|f| item_with_id(f, f)).collect(),
     )
     .await;
+    // Long waits: the workers must still exit as soon as the queue drains, not after a wait.
+    let started = Instant::now();
     let workers = [
-        worker(&broker, "job2", &["--work-time", "100ms"]),
-        worker(&broker, "job2", &["--work-time", "100ms"]),
+        worker(
+            &broker,
+            "job2",
+            &["--work-time", "100ms", "--max-wait", "20s"],
+        ),
+        worker(
+            &broker,
+            "job2",
+            &["--work-time", "100ms", "--max-wait", "20s"],
+        ),
     ];
     let mut seen: HashMap<String, usize> = HashMap::new();
     for child in workers {
@@ -87,6 +94,11 @@ async fn two_parallel_workers_drain_the_walkthrough_queue_and_exit_zero() {
             *seen.entry(name.to_owned()).or_default() += 1;
         }
     }
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(seen.len(), 9, "{seen:?}");
     assert!(
         seen.values().all(|n| *n == 1),
