@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, proto lint, and every Rust test (unit and end-to-end,
 # including the grpcurl and generated-Python-client tests). Needs redis-server, python3 and npm;
-# installs grpcurl, grpcio-tools and buf into .tools/ itself.
+# installs grpcurl, grpcio-tools, kubernetes-validate and buf into .tools/ itself; kubectl
+# renders deploy/base.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -5,6 +5,7 @@ mod admin;
 mod bad_input;
 mod cli;
 mod client;
+mod deploy;
 mod enqueue;
 mod lease;
 mod lifecycle;
