@@ -317,3 +317,47 @@ pub fn binary(name: &str) -> std::path::PathBuf {
     }
     dir.join(name)
 }
+
+/// The workspace root.
+pub fn workspace() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A tool that `scripts/install-tools.sh` installs into `.tools/venv/bin`, or a failure that
+/// says how to get it.
+pub fn tool(name: &str) -> std::path::PathBuf {
+    let path = workspace().join(".tools/venv/bin").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/install-tools.sh (the README's test command does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `check` every 50 ms until it holds, failing the test after 15 s.
+pub async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::time::Instant::now() < deadline {
+        if check().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{what} did not happen within 15 s");
+}
+
+/// Reads one item.
+pub async fn get_item(
+    client: &mut Client,
+    queue: &str,
+    id: &str,
+) -> Result<pb::Item, tonic::Status> {
+    client
+        .get_item(pb::GetItemRequest {
+            queue: queue.into(),
+            id: id.into(),
+        })
+        .await
+        .map(|r| r.into_inner().item.unwrap_or_default())
+}

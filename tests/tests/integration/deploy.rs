@@ -8,20 +8,6 @@ use std::{path::PathBuf, process::Stdio, time::Duration};
 use tokio::{io::AsyncWriteExt as _, process::Command};
 use wq_tests::*;
 
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn tool(name: &str) -> PathBuf {
-    let path = workspace().join(".tools/venv/bin").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/install-tools.sh (the README's test command does)",
-        path.display()
-    );
-    path
-}
-
 async fn render() -> String {
     let output = Command::new("kubectl")
         .arg("kustomize")

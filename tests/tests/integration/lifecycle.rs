@@ -30,16 +30,6 @@ async fn fail(
         .into_inner()
 }
 
-async fn get_item(client: &mut Client, queue: &str, id: &str) -> Result<pb::Item, tonic::Status> {
-    client
-        .get_item(pb::GetItemRequest {
-            queue: queue.into(),
-            id: id.into(),
-        })
-        .await
-        .map(|r| r.into_inner().item.expect("an item"))
-}
-
 #[tokio::test]
 async fn stale_lease_after_expiry_and_re_lease_is_lost_and_changes_nothing() {
     let redis = redis().await;

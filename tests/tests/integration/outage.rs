@@ -17,17 +17,6 @@ async fn health_status(broker: &Broker) -> ServingStatus {
     reply.into_inner().status()
 }
 
-async fn eventually(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what} did not happen within 10 s");
-}
-
 #[tokio::test]
 async fn stopped_redis_gives_unavailable_fast_and_the_broker_recovers() {
     let mut redis = redis().await;

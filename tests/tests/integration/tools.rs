@@ -2,26 +2,10 @@
 //! client generated from proto/ with grpcio-tools. `scripts/install-tools.sh` installs both into
 //! `.tools/`; a missing tool fails the test with that instruction.
 
-use std::path::PathBuf;
-
 use tokio::process::Command;
 
 use serde_json_lite as json;
 use wq_tests::*;
-
-fn workspace() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn tool(name: &str) -> PathBuf {
-    let path = workspace().join(".tools/venv/bin").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run scripts/install-tools.sh (the README's test command does)",
-        path.display()
-    );
-    path
-}
 
 async fn run(command: &mut Command) -> String {
     let output = command.output().await.expect("the tool runs");

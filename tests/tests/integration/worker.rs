@@ -41,17 +41,6 @@ fn signal(child: &Child, sig: &str) {
     assert!(status.success());
 }
 
-async fn wait_until(what: &str, mut check: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{what} did not happen within 15 s");
-}
-
 #[tokio::test]
 async fn two_parallel_workers_drain_the_walkthrough_queue_and_exit_zero() {
     let redis = redis().await;
@@ -129,7 +118,7 @@ async fn killed_worker_item_is_processed_by_another_after_lease_expiry() {
             "cat >/dev/null; sleep 3",
         ],
     );
-    wait_until("the item is leased", async || {
+    eventually("the item is leased", async || {
         state(&mut client, "q").await.leased == 1
     })
     .await;
@@ -183,7 +172,7 @@ async fn sigterm_releases_unfinished_items_at_once() {
             "30",
         ],
     );
-    wait_until("both items leased", async || {
+    eventually("both items leased", async || {
         state(&mut client, "q").await.leased == 2
     })
     .await;
@@ -233,16 +222,7 @@ async fn always_failing_command_ends_dead_and_requeue_brings_it_back() {
     );
     let s = state(&mut client, "q").await;
     assert_eq!((s.dead, s.failed_total, s.drained), (1, 3, true));
-    let dead = client
-        .get_item(pb::GetItemRequest {
-            queue: "q".into(),
-            id: "bad".into(),
-        })
-        .await
-        .expect("kept")
-        .into_inner()
-        .item
-        .expect("item");
+    let dead = get_item(&mut client, "q", "bad").await.expect("kept");
     assert!(
         dead.last_error.contains("boom on bad"),
         "{}",
@@ -280,16 +260,7 @@ async fn permanent_exit_code_dead_letters_at_once_and_stdout_becomes_the_result(
     )
     .await;
     assert!(output.status.success());
-    let good = client
-        .get_item(pb::GetItemRequest {
-            queue: "q".into(),
-            id: "good".into(),
-        })
-        .await
-        .expect("retained")
-        .into_inner()
-        .item
-        .expect("item");
+    let good = get_item(&mut client, "q", "good").await.expect("retained");
     assert_eq!(good.result.as_ref(), b"got hello in q");
     let s = state(&mut client, "q").await;
     assert_eq!((s.dead, s.failed_total, s.completed_total), (1, 1, 1));
@@ -302,7 +273,7 @@ async fn until_sealed_waits_for_the_seal_then_exits() {
     let mut client = broker.client().await;
     enqueue(&mut client, "q", vec![item("first")]).await;
     let mut child = worker(&broker, "q", &["--until", "sealed", "--work-time", "10ms"]);
-    wait_until("the first item is done", async || {
+    eventually("the first item is done", async || {
         state(&mut client, "q").await.completed_total == 1
     })
     .await;
