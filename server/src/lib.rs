@@ -132,7 +132,17 @@ pub async fn serve(
 
     let address = listener.local_addr().ok();
     tracing::info!(address = ?address, "wq-server listening");
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Nagle's algorithm with delayed ACKs holds small gRPC replies for up to 40 ms: off.
+    let incoming = tokio_stream::StreamExt::map(
+        tokio_stream::wrappers::TcpListenerStream::new(listener),
+        |conn| {
+            conn.inspect(|stream| {
+                if let Err(error) = stream.set_nodelay(true) {
+                    tracing::debug!(%error, "cannot disable Nagle on a connection");
+                }
+            })
+        },
+    );
     let stopping = stop.clone();
     let grace = config.shutdown_grace;
     let server = tonic::transport::Server::builder()
