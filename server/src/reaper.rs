@@ -42,6 +42,9 @@ pub async fn run(
 }
 
 async fn round(store: &Store, notifier: &Notifier) -> crate::error::Result<()> {
+    // Costs at most one SADD per active queue per round, and heals a registry entry that
+    // another replica's DeleteQueue removed while this one kept enqueueing.
+    store.forget_registrations();
     for queue in store.known_queues().await? {
         for _ in 0..MAX_STEPS_PER_ROUND {
             let outcome = store.reap(&queue).await?;

@@ -264,6 +264,14 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets which queues this process has registered, so the next enqueue to each registers
+    /// it again: another replica may have deleted a queue (and its registry entry) meanwhile.
+    pub fn forget_registrations(&self) {
+        if let Ok(mut set) = self.registered.lock() {
+            set.clear();
+        }
+    }
+
     /// Removes a deleted queue from the registry.
     pub(crate) async fn unregister(&self, queue: &str) -> Result<()> {
         if let Ok(mut set) = self.registered.lock() {

@@ -318,7 +318,11 @@ impl Job {
             };
             match result {
                 Ok(Some(pb::LeaseOutcome::Ok)) => {
-                    tracing::info!(id = %item.id, outcome = outcome_name(&outcome), "reported");
+                    if matches!(outcome, Outcome::Complete(_)) {
+                        tracing::debug!(id = %item.id, "completed");
+                    } else {
+                        tracing::info!(id = %item.id, outcome = outcome_name(&outcome), "reported");
+                    }
                     return ended;
                 }
                 Ok(_) => {

@@ -426,3 +426,31 @@ async fn admin_bad_input_names_the_field() {
     }
     assert_eq!(redis_dump(&redis).await, Vec::new(), "nothing written");
 }
+
+#[tokio::test]
+async fn a_queue_deleted_through_one_replica_is_listed_again_after_enqueue_through_another() {
+    let redis = redis().await;
+    let producer_broker = Broker::start(&redis.url()).await;
+    let admin_broker = Broker::start(&redis.url()).await;
+    let mut producer = producer_broker.client().await;
+    let mut admin = admin_broker.admin().await;
+    enqueue(&mut producer, "q", vec![item("x")]).await;
+    admin
+        .delete_queue(pb::DeleteQueueRequest { queue: "q".into() })
+        .await
+        .expect("delete");
+    // The producer's replica still believes "q" is registered until its next reaper round.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    enqueue(&mut producer, "q", vec![item("y")]).await;
+    eventually("q is listed again", async || {
+        let listed = admin
+            .list_queues(pb::ListQueuesRequest::default())
+            .await
+            .expect("list")
+            .into_inner();
+        // The enqueue above may precede the cache reset; a later one always registers.
+        enqueue(&mut producer, "q", vec![item("z")]).await;
+        listed.queues.iter().any(|q| q.queue == "q")
+    })
+    .await;
+}
