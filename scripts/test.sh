@@ -23,6 +23,9 @@ cargo clippy --workspace --all-targets -- -D warnings
 echo "==> buf lint (STANDARD + COMMENTS)"
 .tools/node_modules/.bin/buf lint
 
+echo "==> wq-bench at a tiny size (so it cannot rot; figures meaningless)"
+cargo run --quiet -p wq-bench -- -n 300 -w 1,4
+
 echo "==> cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
