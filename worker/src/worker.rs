@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use tokio::{sync::Semaphore, task::JoinSet};
+use tokio::{
+    sync::{Semaphore, mpsc, oneshot},
+    task::JoinSet,
+};
 use tokio_util::sync::CancellationToken;
 use wq_client::{Client, duration, pb};
 
@@ -80,6 +83,25 @@ impl Worker {
             Err(error) => tracing::warn!(%error, "cannot read the initial queue state"),
         }
 
+        let (completions, pending) = mpsc::channel(MAX_COMPLETE_BATCH * 4);
+        let batcher = tokio::spawn(complete_in_batches(
+            self.client.clone(),
+            queue.clone(),
+            pending,
+        ));
+        let summary = self.work(handler, shutdown, completions).await;
+        // The batcher ends once every sender (the loop's and each task's) is gone.
+        let _ = batcher.await;
+        summary
+    }
+
+    async fn work<H: Handler>(
+        &self,
+        handler: Arc<H>,
+        shutdown: CancellationToken,
+        completions: mpsc::Sender<PendingCompletion>,
+    ) -> RunSummary {
+        let queue = &self.config.queue;
         let slots = Arc::new(Semaphore::new(self.config.concurrency as usize));
         let in_work: Arc<Mutex<HashSet<String>>> = Arc::default();
         let mut tasks = JoinSet::new();
@@ -144,6 +166,7 @@ impl Worker {
                     queue: queue.clone(),
                     lease_duration: self.config.lease_duration,
                     in_work: Arc::clone(&in_work),
+                    completions: completions.clone(),
                 };
                 let handler = Arc::clone(&handler);
                 tasks.spawn(async move {
@@ -258,6 +281,53 @@ struct Job {
     queue: String,
     lease_duration: Duration,
     in_work: Arc<Mutex<HashSet<String>>>,
+    completions: mpsc::Sender<PendingCompletion>,
+}
+
+/// A completion waiting for the batcher, with the way back to its task.
+struct PendingCompletion {
+    completion: pb::Completion,
+    reply: oneshot::Sender<Result<pb::LeaseOutcome, tonic::Status>>,
+}
+
+/// Most completions one Complete call carries.
+const MAX_COMPLETE_BATCH: usize = 256;
+
+/// Sends completions in batches: whatever has queued up while the previous call was in flight
+/// goes in the next call, so a busy worker makes one Complete call for many items and an idle
+/// one adds no delay.
+async fn complete_in_batches(
+    client: Client,
+    queue: String,
+    mut pending: mpsc::Receiver<PendingCompletion>,
+) {
+    while let Some(first) = pending.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_COMPLETE_BATCH {
+            match pending.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let (completions, replies): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|p| (p.completion, p.reply)).unzip();
+        match client.complete(&queue, completions).await {
+            Ok(results) => {
+                for (reply, result) in replies.into_iter().zip(results) {
+                    let _ = reply.send(Ok(result.outcome()));
+                }
+            }
+            Err(error) => {
+                let status = match error {
+                    wq_client::Error::Status(status) => status,
+                    other => tonic::Status::unavailable(other.to_string()),
+                };
+                for reply in replies {
+                    let _ = reply.send(Err(status.clone()));
+                }
+            }
+        }
+    }
 }
 
 impl Job {
@@ -297,16 +367,7 @@ impl Job {
         for attempt in 1..=REPORT_ATTEMPTS {
             let (result, ended) = match &outcome {
                 Outcome::Complete(result) => (
-                    self.client
-                        .complete(
-                            &self.queue,
-                            vec![pb::Completion {
-                                lease_id: item.lease_id.clone(),
-                                result: result.clone(),
-                            }],
-                        )
-                        .await
-                        .map(|r| r.first().map(pb::LeaseResult::outcome)),
+                    self.complete(item, result.clone()).await,
                     TaskEnd::Completed,
                 ),
                 Outcome::Retry { error, delay } => {
@@ -344,6 +405,29 @@ impl Job {
             }
         }
         TaskEnd::Lost
+    }
+
+    async fn complete(
+        &self,
+        item: &pb::LeasedItem,
+        result: bytes::Bytes,
+    ) -> wq_client::Result<Option<pb::LeaseOutcome>> {
+        let (reply, outcome) = oneshot::channel();
+        let pending = PendingCompletion {
+            completion: pb::Completion {
+                lease_id: item.lease_id.clone(),
+                result,
+            },
+            reply,
+        };
+        if self.completions.send(pending).await.is_err() {
+            return Err(tonic::Status::cancelled("the worker is stopping").into());
+        }
+        match outcome.await {
+            Ok(Ok(outcome)) => Ok(Some(outcome)),
+            Ok(Err(status)) => Err(status.into()),
+            Err(_) => Err(tonic::Status::cancelled("the worker is stopping").into()),
+        }
     }
 
     async fn fail(
