@@ -11,7 +11,7 @@
 //! - [`validate`]: request checks; errors name the field.
 //! - [`lease`]: Lease's waiting and release-on-cancel logic.
 //! - [`store`], [`scripts`], [`keys`], [`reply`]: Redis access, one method per Lua script.
-//! - [`lease_id`]: the opaque lease handle.
+//! - [`lease_id`]: the opaque lease handle; [`model`]: the data the store takes and returns.
 //! - [`notify`], [`reaper`], [`health`]: the background tasks.
 //! - [`error`]: the error enum and its gRPC mapping.
 //! - [`dev`]: a private `redis-server` for `--dev` and tests; [`shutdown`]: signals.
@@ -25,6 +25,7 @@ pub mod health;
 pub mod keys;
 pub mod lease;
 pub mod lease_id;
+pub mod model;
 pub mod notify;
 pub mod reaper;
 pub mod reply;
