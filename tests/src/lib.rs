@@ -54,7 +54,17 @@ impl Broker {
 
     /// Starts a broker with the given configuration on `redis_url`.
     pub async fn start_with(redis_url: &str, config: BrokerConfig) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        Self::start_at(
+            redis_url,
+            config,
+            "127.0.0.1:0".parse().expect("an address"),
+        )
+        .await
+    }
+
+    /// Starts a broker listening on `address` (e.g. the address of a broker that was stopped).
+    pub async fn start_at(redis_url: &str, config: BrokerConfig, address: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind(address)
             .await
             .expect("binding a loopback port");
         let address = listener.local_addr().expect("bound address");

@@ -293,3 +293,66 @@ async fn until_sealed_waits_for_the_seal_then_exits() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("sealed and drained, exiting"));
     assert_eq!(state(&mut client, "q").await.completed_total, 2);
 }
+
+#[tokio::test]
+async fn worker_rides_out_a_broker_restart_without_losing_items() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let address = broker.address();
+    let mut client = broker.client().await;
+    enqueue(
+        &mut client,
+        "q",
+        (1..=3).map(|i| item(&format!("before-{i}"))).collect(),
+    )
+    .await;
+    let mut child = Command::new(binary("wq-worker"))
+        .args([
+            "--broker",
+            &broker.url(),
+            "--queue",
+            "q",
+            "--until",
+            "sealed",
+        ])
+        .args(["--max-wait", "500ms", "--work-time", "50ms"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("wq-worker starts");
+    eventually("the first items are done", async || {
+        state(&mut client, "q").await.completed_total == 3
+    })
+    .await;
+
+    broker.stop().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        child.try_wait().expect("status").is_none(),
+        "the worker survives the outage"
+    );
+    let broker = Broker::start_at(&redis.url(), test_config(), address).await;
+    let mut client = broker.client().await;
+    enqueue(
+        &mut client,
+        "q",
+        (1..=3).map(|i| item(&format!("after-{i}"))).collect(),
+    )
+    .await;
+    broker
+        .admin()
+        .await
+        .seal_queue(pb::SealQueueRequest { queue: "q".into() })
+        .await
+        .expect("seal");
+    let output = finish(child, Duration::from_secs(30)).await;
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{err}");
+    let worked = String::from_utf8_lossy(&output.stdout)
+        .matches("Working on")
+        .count();
+    assert_eq!(worked, 6, "each item once, across the restart");
+    let s = state(&mut client, "q").await;
+    assert_eq!((s.completed_total, s.drained, s.dead), (6, true, 0));
+}
