@@ -356,3 +356,47 @@ async fn worker_rides_out_a_broker_restart_without_losing_items() {
     let s = state(&mut client, "q").await;
     assert_eq!((s.completed_total, s.drained, s.dead), (6, true, 0));
 }
+
+#[tokio::test]
+async fn a_lease_lost_while_working_is_logged_and_not_reported_as_success() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    enqueue(&mut client, "q", vec![item_with_id("taken", "x")]).await;
+    let child = worker(
+        &broker,
+        "q",
+        &[
+            "--lease-duration",
+            "300ms",
+            "--",
+            "sh",
+            "-c",
+            "cat >/dev/null; sleep 1",
+        ],
+    );
+    eventually("the item is leased", async || {
+        state(&mut client, "q").await.leased == 1
+    })
+    .await;
+    // An operator purges the item while it is in work: the next heartbeat finds the lease gone.
+    broker
+        .admin()
+        .await
+        .purge_queue(pb::PurgeQueueRequest {
+            queue: "q".into(),
+            states: vec![pb::ItemState::Leased as i32],
+        })
+        .await
+        .expect("purge");
+    let output = finish(child, Duration::from_secs(20)).await;
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{err}");
+    assert!(err.contains("lease lost"), "{err}");
+    assert!(
+        err.contains("lost=1"),
+        "counted as lost, not completed: {err}"
+    );
+    let s = state(&mut client, "q").await;
+    assert_eq!((s.completed_total, s.drained), (0, true));
+}
