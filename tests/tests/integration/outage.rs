@@ -232,3 +232,69 @@ async fn redis_out_of_memory_answers_resource_exhausted() {
         "nothing half-written"
     );
 }
+
+#[tokio::test]
+async fn with_aof_always_every_acknowledged_enqueue_survives_a_redis_crash() {
+    let mut redis = RedisProcess::start_with(&[
+        "--save",
+        "",
+        "--appendonly",
+        "yes",
+        "--appendfsync",
+        "always",
+    ])
+    .await
+    .unwrap_or_else(|e| panic!("cannot start the test's redis-server: {e}"));
+    let broker = Broker::start(&redis.url()).await;
+    let client = broker.client().await;
+    // A producer enqueues batches until Redis dies under it; it remembers what was acknowledged.
+    let producer = tokio::spawn(async move {
+        let mut client = client;
+        let mut acknowledged = Vec::new();
+        for batch in 0..10_000 {
+            let items: Vec<pb::EnqueueItem> = (0..10)
+                .map(|i| item_with_id(&format!("{batch}-{i}"), "x"))
+                .collect();
+            let reply = client
+                .enqueue(pb::EnqueueRequest {
+                    queue: "q".into(),
+                    items,
+                })
+                .await;
+            match reply {
+                Ok(reply) => {
+                    acknowledged.extend(reply.into_inner().results.into_iter().map(|r| r.id))
+                }
+                Err(status) => {
+                    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                    break;
+                }
+            }
+        }
+        acknowledged
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // SIGKILL: no chance to flush anything that was not already written.
+    redis.kill().await;
+    let acknowledged = producer.await.expect("producer");
+    assert!(
+        acknowledged.len() >= 10,
+        "the producer got going: {}",
+        acknowledged.len()
+    );
+    redis.restart().await.expect("redis restarts from its AOF");
+    let mut client = broker.client().await;
+    eventually("the broker serves again", async || {
+        client
+            .queue_state(pb::QueueStateRequest { queue: "q".into() })
+            .await
+            .is_ok()
+    })
+    .await;
+    for id in &acknowledged {
+        let stored = get_item(&mut client, "q", id).await;
+        assert!(stored.is_ok(), "acknowledged item {id} was lost");
+    }
+    let s = state(&mut client, "q").await;
+    assert!(s.ready >= acknowledged.len() as u64);
+}
