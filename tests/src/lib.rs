@@ -231,6 +231,26 @@ pub async fn lease(
         .into_inner()
 }
 
+/// Leases one item, waiting up to `max_wait` for it; with `return_if_drained` the wait also
+/// ends when the queue is drained.
+pub async fn lease_waiting(
+    client: &mut Client,
+    queue: &str,
+    max_wait: Duration,
+    return_if_drained: bool,
+) -> pb::LeaseResponse {
+    client
+        .lease(pb::LeaseRequest {
+            queue: queue.to_owned(),
+            max_wait: Some(duration(max_wait)),
+            return_if_drained,
+            ..pb::LeaseRequest::default()
+        })
+        .await
+        .expect("lease succeeds")
+        .into_inner()
+}
+
 /// Completes leases and returns their outcomes.
 pub async fn complete(
     client: &mut Client,

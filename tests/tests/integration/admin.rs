@@ -45,15 +45,7 @@ async fn paused_queue_leases_nothing_and_resume_wakes_waiters() {
 
     let mut waiter = broker.client().await;
     let wait = tokio::spawn(async move {
-        waiter
-            .lease(pb::LeaseRequest {
-                queue: "q".into(),
-                max_wait: Some(duration(Duration::from_secs(10))),
-                ..Default::default()
-            })
-            .await
-            .expect("lease")
-            .into_inner()
+        lease_waiting(&mut waiter, "q", Duration::from_secs(10), false).await
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let resumed = Instant::now();

@@ -63,15 +63,7 @@ async fn waiting_lease_wakes_on_enqueue_through_another_broker() {
 
     let wait = tokio::spawn(async move {
         let started = Instant::now();
-        let reply = waiter
-            .lease(pb::LeaseRequest {
-                queue: "q".into(),
-                max_wait: Some(duration(Duration::from_secs(10))),
-                ..Default::default()
-            })
-            .await
-            .expect("lease")
-            .into_inner();
+        let reply = lease_waiting(&mut waiter, "q", Duration::from_secs(10), false).await;
         (reply, started.elapsed())
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -97,15 +89,7 @@ async fn waiting_lease_returns_empty_when_max_wait_ends() {
     let broker = Broker::start(&redis.url()).await;
     let mut client = broker.client().await;
     let started = Instant::now();
-    let reply = client
-        .lease(pb::LeaseRequest {
-            queue: "q".into(),
-            max_wait: Some(duration(Duration::from_millis(300))),
-            ..Default::default()
-        })
-        .await
-        .expect("lease")
-        .into_inner();
+    let reply = lease_waiting(&mut client, "q", Duration::from_millis(300), false).await;
     assert!(reply.items.is_empty() && reply.drained);
     let waited = started.elapsed();
     assert!(
@@ -273,16 +257,7 @@ async fn return_if_drained_ends_the_wait_when_the_last_item_completes_elsewhere(
     let mut waiter = broker.client().await;
     let wait = tokio::spawn(async move {
         let started = Instant::now();
-        let reply = waiter
-            .lease(pb::LeaseRequest {
-                queue: "q".into(),
-                max_wait: Some(duration(Duration::from_secs(20))),
-                return_if_drained: true,
-                ..Default::default()
-            })
-            .await
-            .expect("lease")
-            .into_inner();
+        let reply = lease_waiting(&mut waiter, "q", Duration::from_secs(20), true).await;
         (reply, started.elapsed())
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -296,27 +271,10 @@ async fn return_if_drained_ends_the_wait_when_the_last_item_completes_elsewhere(
 
     // Asked again, it returns at once; a waiter that did not ask waits its full max_wait.
     let started = Instant::now();
-    let again = client
-        .lease(pb::LeaseRequest {
-            queue: "q".into(),
-            max_wait: Some(duration(Duration::from_secs(20))),
-            return_if_drained: true,
-            ..Default::default()
-        })
-        .await
-        .expect("lease")
-        .into_inner();
+    let again = lease_waiting(&mut client, "q", Duration::from_secs(20), true).await;
     assert!(again.drained && started.elapsed() < Duration::from_secs(2));
     let started = Instant::now();
-    let idle = client
-        .lease(pb::LeaseRequest {
-            queue: "q".into(),
-            max_wait: Some(duration(Duration::from_millis(400))),
-            ..Default::default()
-        })
-        .await
-        .expect("lease")
-        .into_inner();
+    let idle = lease_waiting(&mut client, "q", Duration::from_millis(400), false).await;
     assert!(idle.drained);
     assert!(
         started.elapsed() >= Duration::from_millis(380),

@@ -70,15 +70,7 @@ async fn stopped_redis_gives_unavailable_fast_and_the_broker_recovers() {
     let mut producer = other.client().await;
     let mut waiter = broker.client().await;
     let wait = tokio::spawn(async move {
-        waiter
-            .lease(pb::LeaseRequest {
-                queue: "fresh".into(),
-                max_wait: Some(duration(Duration::from_secs(8))),
-                ..Default::default()
-            })
-            .await
-            .expect("lease")
-            .into_inner()
+        lease_waiting(&mut waiter, "fresh", Duration::from_secs(8), false).await
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let enqueued = Instant::now();
