@@ -9,21 +9,21 @@
 //! # Layout
 //!
 //! - this file: [`Client`], [`Error`], the retry policy;
+//! - [`connect`]: [`ConnectOptions`] (URL, TLS, bearer token) shared by every binary;
 //! - [`batch`]: [`Client::enqueue_all`] and its [`EnqueueSummary`](batch::EnqueueSummary).
 
 pub mod batch;
+pub mod connect;
 
 use std::{future::Future, time::Duration};
 
+pub use connect::{ConnectOptions, Credentials, DEFAULT_BROKER, Transport};
 use pb::{
     queue_admin_service_client::QueueAdminServiceClient,
     work_queue_service_client::WorkQueueServiceClient,
 };
-use tonic::{Code, Status, transport::Channel};
+use tonic::{Code, Status, service::interceptor::InterceptedService, transport::Channel};
 pub use wq_proto::v1 as pb;
-
-/// The broker URL used when none is given.
-pub const DEFAULT_BROKER: &str = "http://127.0.0.1:50051";
 
 /// What a client call can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,9 @@ pub enum Error {
         /// Why it is invalid.
         reason: String,
     },
+    /// The TLS files or the token cannot be used.
+    #[error("{0}")]
+    Credentials(String),
     /// The broker could not be reached.
     #[error("cannot reach the broker at {url}: {source}")]
     Connect {
@@ -100,8 +103,8 @@ impl Default for RetryPolicy {
 /// A connection to a wq broker. Cheap to clone; clones share the connection.
 #[derive(Debug, Clone)]
 pub struct Client {
-    work: WorkQueueServiceClient<Channel>,
-    admin: QueueAdminServiceClient<Channel>,
+    work: WorkQueueServiceClient<Transport>,
+    admin: QueueAdminServiceClient<Transport>,
     retry: RetryPolicy,
 }
 
@@ -114,35 +117,30 @@ pub fn duration(d: Duration) -> prost_types::Duration {
 }
 
 impl Client {
-    /// Connects to the broker at `url` (`http://host:port`; a bare `host:port` means http).
+    /// Connects to the plaintext, unauthenticated broker at `url` (`http://host:port`; a bare
+    /// `host:port` means http).
     ///
     /// # Errors
     /// [`Error::InvalidUrl`] or [`Error::Connect`].
     pub async fn connect(url: &str) -> Result<Self> {
-        let full = if url.contains("://") {
-            url.to_owned()
-        } else {
-            format!("http://{url}")
-        };
-        let endpoint = Channel::from_shared(full.clone())
-            .map_err(|e| Error::InvalidUrl {
-                url: url.to_owned(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_nodelay(true);
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|source| Error::Connect { url: full, source })?;
-        Ok(Self::from_channel(channel))
+        Self::connect_with(&ConnectOptions::new(url)).await
     }
 
-    /// Wraps an existing channel.
-    pub fn from_channel(channel: Channel) -> Self {
+    /// Connects as `options` say: TLS for https URLs, and the bearer token on every call.
+    ///
+    /// # Errors
+    /// [`Error::InvalidUrl`], [`Error::Credentials`] or [`Error::Connect`].
+    pub async fn connect_with(options: &ConnectOptions) -> Result<Self> {
+        let (channel, credentials) = options.connect().await?;
+        Ok(Self::from_channel(channel, credentials))
+    }
+
+    /// Wraps an existing channel; `credentials` are added to every call.
+    pub fn from_channel(channel: Channel, credentials: Credentials) -> Self {
+        let transport = InterceptedService::new(channel, credentials);
         Self {
-            work: WorkQueueServiceClient::new(channel.clone()),
-            admin: QueueAdminServiceClient::new(channel),
+            work: WorkQueueServiceClient::new(transport.clone()),
+            admin: QueueAdminServiceClient::new(transport),
             retry: RetryPolicy::default(),
         }
     }
@@ -154,12 +152,12 @@ impl Client {
     }
 
     /// The generated work-queue stub, for calls this type does not wrap.
-    pub fn work(&self) -> WorkQueueServiceClient<Channel> {
+    pub fn work(&self) -> WorkQueueServiceClient<Transport> {
         self.work.clone()
     }
 
     /// The generated admin stub.
-    pub fn admin(&self) -> QueueAdminServiceClient<Channel> {
+    pub fn admin(&self) -> QueueAdminServiceClient<Transport> {
         self.admin.clone()
     }
 

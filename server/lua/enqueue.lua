@@ -8,11 +8,13 @@
   KEYS[1] <prefix>:{<queue>}:ready    sorted set, see lib.lua
   KEYS[2] <prefix>:{<queue>}:delayed  sorted set of ids by due time (ms)
   KEYS[3] <prefix>:{<queue>}:meta     hash of counters and flags
+  KEYS[4] <prefix>:{<queue>}:leased   sorted set of leased ids (counted for the length limit)
 
   ARGV[1] item key prefix, <prefix>:{<queue>}:i:
   ARGV[2] notification channel
   ARGV[3] queue name (notification message)
   ARGV[4] number of items N
+  ARGV[5] most items the queue may hold in ready + delayed + leased (0 = no limit)
   then 7 values per item:
     id, payload, priority, delay (ms, -1 = none), not_before (unix ms, -1 = none),
     max_attempts (resolved, >= 1), headers (opaque bytes, '' = none)
@@ -20,14 +22,35 @@
   Returns {status, now_ms, dup_1, ..., dup_N}:
     status 0 = ok, 1 = the queue is sealed (nothing written)
     dup_i  1 when item i was a duplicate, else 0
+  or {2, held, new}: the batch's `new` items would take the queue past ARGV[5] while it holds
+    `held` (nothing written)
 ]]
 
-local k_ready, k_delayed, k_meta = KEYS[1], KEYS[2], KEYS[3]
+local k_ready, k_delayed, k_meta, k_leased = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local item_prefix, channel, queue = ARGV[1], ARGV[2], ARGV[3]
-local n = tonumber(ARGV[4])
+local n, max_length = tonumber(ARGV[4]), tonumber(ARGV[5])
+local first = 6
 
 if redis.call('HGET', k_meta, 'sealed') == '1' then
   return {1, 0}
+end
+
+if max_length > 0 then
+  -- Count what the batch would add before writing anything, so a full queue refuses the
+  -- whole batch rather than half of it.
+  local held = redis.call('ZCARD', k_ready) + redis.call('ZCARD', k_delayed)
+    + redis.call('ZCARD', k_leased)
+  local fresh, seen = 0, {}
+  for i = 0, n - 1 do
+    local id = ARGV[first + i * 7]
+    if not seen[id] and redis.call('EXISTS', item_prefix .. id) == 0 then
+      fresh = fresh + 1
+    end
+    seen[id] = true
+  end
+  if held + fresh > max_length then
+    return {2, held, fresh}
+  end
 end
 
 local now = now_ms()
@@ -36,7 +59,7 @@ local result = {0, now}
 local added, readied = 0, 0
 
 for i = 0, n - 1 do
-  local base = 5 + i * 7
+  local base = first + i * 7
   local id = ARGV[base]
   local item_key = item_prefix .. id
   if redis.call('EXISTS', item_key) == 1 then

@@ -9,6 +9,7 @@ use wq_proto::v1::{self as pb, queue_admin_service_server::QueueAdminService};
 
 use crate::{
     admin_store::{IndexedState, QueueFlag},
+    auth::{self, Caller, QueueScoped, admit},
     config::BrokerConfig,
     error::{Error, Result},
     service::{queue_state_response, stored_item, traced},
@@ -81,10 +82,15 @@ impl Admin {
         &self,
         request: Request<pb::ListQueuesRequest>,
     ) -> Result<Response<pb::ListQueuesResponse>, Status> {
+        let caller = auth::caller(&request).cloned();
         let request = request.into_inner();
         let size = page_size(request.page_size)?;
         let offset = decode_page_token(&request.page_token)?;
         let mut names = self.store.known_queues().await?;
+        // A caller limited to some queues sees only those.
+        if let Some(caller) = caller.filter(Caller::is_limited) {
+            names.retain(|name| caller.may_use_queue(name));
+        }
         names.sort();
         let start = usize::try_from(offset)
             .unwrap_or(usize::MAX)
@@ -112,8 +118,7 @@ impl Admin {
         &self,
         request: Request<pb::ListItemsRequest>,
     ) -> Result<Response<pb::ListItemsResponse>, Status> {
-        let request = request.into_inner();
-        validate::queue_name(&request.queue)?;
+        let request = admit(request)?;
         let state = indexed_state("state", request.state)?;
         let size = page_size(request.page_size)?;
         let offset = decode_page_token(&request.page_token)?;
@@ -160,8 +165,7 @@ impl Admin {
         &self,
         request: Request<pb::RequeueDeadRequest>,
     ) -> Result<Response<pb::RequeueDeadResponse>, Status> {
-        let request = request.into_inner();
-        validate::queue_name(&request.queue)?;
+        let request = admit(request)?;
         let ids = match (request.all, request.ids.is_empty()) {
             (true, false) => {
                 return Err(Error::invalid("ids", "must be empty when `all` is set").into());
@@ -187,8 +191,7 @@ impl Admin {
         &self,
         request: Request<pb::PurgeQueueRequest>,
     ) -> Result<Response<pb::PurgeQueueResponse>, Status> {
-        let request = request.into_inner();
-        validate::queue_name(&request.queue)?;
+        let request = admit(request)?;
         if request.states.is_empty() {
             return Err(Error::invalid("states", "must name at least one state").into());
         }
@@ -204,9 +207,14 @@ impl Admin {
         Ok(Response::new(pb::PurgeQueueResponse { purged_count }))
     }
 
-    async fn set_flag(&self, queue: &str, flag: QueueFlag, on: bool) -> Result<()> {
-        validate::queue_name(queue)?;
-        self.store.set_flag(queue, flag, on).await?;
+    async fn set_flag<T: QueueScoped>(
+        &self,
+        request: Request<T>,
+        flag: QueueFlag,
+        on: bool,
+    ) -> Result<(), Status> {
+        let queue = admit(request)?.queue().to_owned();
+        self.store.set_flag(&queue, flag, on).await?;
         tracing::info!(queue = %queue, ?flag, on, "queue flag changed");
         Ok(())
     }
@@ -215,8 +223,7 @@ impl Admin {
         &self,
         request: Request<pb::DeleteQueueRequest>,
     ) -> Result<Response<pb::DeleteQueueResponse>, Status> {
-        let queue = request.into_inner().queue;
-        validate::queue_name(&queue)?;
+        let queue = admit(request)?.queue;
         let deleted_count = self.store.delete_queue(&queue).await?;
         tracing::info!(queue = %queue, deleted_count, "deleted queue");
         Ok(Response::new(pb::DeleteQueueResponse { deleted_count }))
@@ -262,14 +269,8 @@ impl QueueAdminService for Admin {
         &self,
         request: Request<pb::PauseQueueRequest>,
     ) -> Result<Response<pb::PauseQueueResponse>, Status> {
-        let result = self
-            .set_flag(&request.get_ref().queue, QueueFlag::Paused, true)
-            .await;
-        traced(
-            result
-                .map(|()| Response::new(pb::PauseQueueResponse {}))
-                .map_err(Status::from),
-        )
+        let result = self.set_flag(request, QueueFlag::Paused, true).await;
+        traced(result.map(|()| Response::new(pb::PauseQueueResponse {})))
     }
 
     #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]
@@ -277,14 +278,8 @@ impl QueueAdminService for Admin {
         &self,
         request: Request<pb::ResumeQueueRequest>,
     ) -> Result<Response<pb::ResumeQueueResponse>, Status> {
-        let result = self
-            .set_flag(&request.get_ref().queue, QueueFlag::Paused, false)
-            .await;
-        traced(
-            result
-                .map(|()| Response::new(pb::ResumeQueueResponse {}))
-                .map_err(Status::from),
-        )
+        let result = self.set_flag(request, QueueFlag::Paused, false).await;
+        traced(result.map(|()| Response::new(pb::ResumeQueueResponse {})))
     }
 
     #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]
@@ -292,14 +287,8 @@ impl QueueAdminService for Admin {
         &self,
         request: Request<pb::SealQueueRequest>,
     ) -> Result<Response<pb::SealQueueResponse>, Status> {
-        let result = self
-            .set_flag(&request.get_ref().queue, QueueFlag::Sealed, true)
-            .await;
-        traced(
-            result
-                .map(|()| Response::new(pb::SealQueueResponse {}))
-                .map_err(Status::from),
-        )
+        let result = self.set_flag(request, QueueFlag::Sealed, true).await;
+        traced(result.map(|()| Response::new(pb::SealQueueResponse {})))
     }
 
     #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]

@@ -1,9 +1,11 @@
 //! The broker's configuration: every flag of `wq-server`, each with a `WQ_…` environment
 //! fallback, and the limits the service enforces.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, ValueEnum};
+
+use crate::auth::ReflectionAccess;
 
 /// Command-line configuration of `wq-server`.
 #[derive(Debug, Clone, Parser)]
@@ -141,9 +143,59 @@ pub struct BrokerConfig {
     #[arg(long, env = "WQ_WAIT_RECHECK", default_value = "15s", value_parser = humantime::parse_duration)]
     pub wait_recheck: Duration,
 
+    /// Most items one queue may hold ready, delayed and leased together; an Enqueue that would
+    /// go past it fails whole with RESOURCE_EXHAUSTED (0 = no limit). Dead letters have their
+    /// own bounds.
+    #[arg(long, env = "WQ_MAX_QUEUE_LENGTH", default_value_t = 0)]
+    pub max_queue_length: u64,
+
+    /// Most Lease calls waiting for work at once in this broker; more answer RESOURCE_EXHAUSTED.
+    #[arg(long, env = "WQ_MAX_WAITING_LEASES", default_value_t = 10_000)]
+    pub max_waiting_leases: usize,
+
+    /// Most Redis calls in flight at once in this broker. A call that finds none free within
+    /// --redis-timeout answers RESOURCE_EXHAUSTED.
+    #[arg(long, env = "WQ_MAX_REDIS_IN_FLIGHT", default_value_t = 1024)]
+    pub max_redis_in_flight: usize,
+
+    /// Who may call the broker, and TLS.
+    #[command(flatten)]
+    pub security: SecurityConfig,
+
     /// How long in-flight calls may take to finish after SIGTERM.
     #[arg(long, env = "WQ_SHUTDOWN_GRACE", default_value = "25s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+}
+
+/// Authentication and TLS. Without `--auth-tokens` the broker lets every caller in (and says so
+/// at start); without `--tls-cert` it speaks plaintext HTTP/2.
+#[derive(Debug, Clone, Args)]
+pub struct SecurityConfig {
+    /// File of bearer tokens with roles and queue patterns (see `wq_server::auth` or the
+    /// README); re-read while running, so a rotated Kubernetes Secret takes effect.
+    #[arg(long, env = "WQ_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
+
+    /// How often --auth-tokens is re-read for rotated tokens.
+    #[arg(long, env = "WQ_AUTH_RELOAD", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub auth_reload: Duration,
+
+    /// Who may use server reflection: open, authenticated (any valid token; open when the
+    /// broker runs without tokens) or off.
+    #[arg(long, env = "WQ_REFLECTION", value_enum, default_value_t = ReflectionAccess::Authenticated)]
+    pub reflection: ReflectionAccess,
+
+    /// PEM certificate chain to serve TLS with (needs --tls-key).
+    #[arg(long, env = "WQ_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "WQ_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA bundle: when given, every client must present a certificate it signed.
+    #[arg(long, env = "WQ_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl Default for BrokerConfig {
@@ -189,6 +241,17 @@ impl BrokerConfig {
         }
         if self.wait_recheck.is_zero() {
             return Err("--wait-recheck must be > 0".into());
+        }
+        if self.security.auth_reload.is_zero() {
+            return Err("--auth-reload must be > 0".into());
+        }
+        if self.max_waiting_leases == 0 || self.max_redis_in_flight == 0 {
+            return Err("--max-waiting-leases and --max-redis-in-flight must be at least 1".into());
+        }
+        // A Semaphore holds at most this many permits.
+        let most = tokio::sync::Semaphore::MAX_PERMITS;
+        if self.max_redis_in_flight > most || self.max_waiting_leases > most {
+            return Err("--max-redis-in-flight or --max-waiting-leases is too large".into());
         }
         Ok(())
     }

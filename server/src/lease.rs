@@ -10,7 +10,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::{sync::oneshot, time::Instant};
+use tokio::{
+    sync::{Semaphore, oneshot},
+    time::Instant,
+};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -38,16 +41,19 @@ pub struct LeaseCall {
 /// Leases with waiting, as described in the module docs.
 ///
 /// # Errors
-/// UNAVAILABLE when Redis does not answer.
+/// UNAVAILABLE when Redis does not answer; RESOURCE_EXHAUSTED when the call would wait and
+/// every waiting slot is taken.
 pub async fn lease_or_wait(
     store: &Arc<Store>,
     notifier: &Notifier,
     call: &LeaseCall,
-    recheck: Duration,
+    waiting_slots: &Semaphore,
     shutdown: &CancellationToken,
 ) -> Result<LeaseBatch> {
     let deadline = Instant::now() + call.max_wait;
+    let recheck = store.config().wait_recheck;
     let notify = notifier.watch(&call.queue);
+    let mut waiting_slot = None;
     loop {
         // Registered before the attempt, so a notification sent while the script runs is kept.
         let notified = notify.notified();
@@ -63,6 +69,16 @@ pub async fn lease_or_wait(
                 notifier.wake(&call.queue, batch.ready_left);
             }
             return Ok(batch);
+        }
+        if waiting_slot.is_none() {
+            // Held until the call ends: each waiter costs a task, a timer and a Notify entry.
+            waiting_slot = Some(waiting_slots.try_acquire().map_err(|_| {
+                Error::ResourceExhausted(format!(
+                    "too many Lease calls are waiting for work in this broker (--max-waiting-leases {}); \
+                     retry later, spread workers over more replicas, or lease without max_wait",
+                    store.config().max_waiting_leases
+                ))
+            })?);
         }
         let mut wake_at = deadline.min(now + recheck);
         if let Some(due_ms) = batch.next_due_ms {

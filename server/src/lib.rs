@@ -14,10 +14,12 @@
 //! - [`lease_id`]: the opaque lease handle; [`model`]: the data the store takes and returns.
 //! - [`notify`], [`reaper`], [`health`]: the background tasks.
 //! - [`error`]: the error enum and its gRPC mapping.
+//! - [`auth`]: bearer tokens, roles and queue patterns; [`tls`]: the listener's TLS settings.
 //! - [`dev`]: a private `redis-server` for `--dev` and tests; [`shutdown`]: signals.
 
 pub mod admin;
 pub mod admin_store;
+pub mod auth;
 pub mod config;
 pub mod dev;
 pub mod error;
@@ -33,6 +35,7 @@ pub mod scripts;
 pub mod service;
 pub mod shutdown;
 pub mod store;
+pub mod tls;
 pub mod validate;
 
 use std::{future::Future, sync::Arc, time::Duration};
@@ -40,6 +43,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic_health::ServingStatus;
+use tower_http::validate_request::ValidateRequestHeaderLayer;
 use wq_proto::v1::{
     queue_admin_service_server::QueueAdminServiceServer,
     work_queue_service_server::WorkQueueServiceServer,
@@ -79,6 +83,21 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     config.check().map_err(ServeError::Config)?;
+    let tls = tls::server_config(&config.security).map_err(ServeError::Config)?;
+    let tokens = match &config.security.auth_tokens {
+        Some(path) => {
+            let tokens = auth::Tokens::load(path.clone()).map_err(ServeError::Config)?;
+            tracing::info!(path = %path.display(), "bearer tokens required (health stays open)");
+            Some(Arc::new(tokens))
+        }
+        None => {
+            tracing::warn!(
+                "NO AUTHENTICATION: every caller that reaches this port may enqueue, lease and \
+                 delete queues; give --auth-tokens to require bearer tokens"
+            );
+            None
+        }
+    };
     let config = Arc::new(config);
     let store = Arc::new(Store::new(redis.clone(), Arc::clone(&config))?);
     let notifier = Arc::new(Notifier::default());
@@ -108,6 +127,9 @@ pub async fn serve(
             stop.clone(),
         )),
     ];
+    let token_reload = tokens.as_ref().map(|tokens| {
+        tokio::spawn(Arc::clone(tokens).reload(config.security.auth_reload, stop.clone()))
+    });
 
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -146,10 +168,19 @@ pub async fn serve(
     );
     let stopping = stop.clone();
     let grace = config.shutdown_grace;
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let gate = tokens.map(|tokens| {
+        ValidateRequestHeaderLayer::custom(auth::Gate::new(tokens, config.security.reflection))
+    });
+    let with_reflection = config.security.reflection != auth::ReflectionAccess::Off;
+    let server = builder
+        .layer(tower::util::option_layer(gate))
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(with_reflection.then_some(reflection_v1))
+        .add_optional_service(with_reflection.then_some(reflection_v1alpha))
         .add_service(service)
         .add_service(admin)
         .serve_with_incoming_shutdown(incoming, async move {
@@ -166,7 +197,7 @@ pub async fn serve(
         }
     };
     stop.cancel();
-    for task in background {
+    for task in background.into_iter().chain(token_reload) {
         let _ = task.await;
     }
     tracing::info!("wq-server stopped");

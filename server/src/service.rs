@@ -4,12 +4,14 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 use wq_proto::v1::{self as pb, work_queue_service_server::WorkQueueService};
 
 use crate::{
+    auth::admit,
     config::BrokerConfig,
     error::{Error, Result},
     lease::{self, LeaseCall},
@@ -28,6 +30,7 @@ pub struct Broker {
     store: Arc<Store>,
     config: Arc<BrokerConfig>,
     notifier: Arc<Notifier>,
+    waiting_slots: Arc<Semaphore>,
     shutdown: CancellationToken,
 }
 
@@ -40,6 +43,7 @@ impl Broker {
         shutdown: CancellationToken,
     ) -> Self {
         Self {
+            waiting_slots: Arc::new(Semaphore::new(config.max_waiting_leases)),
             store,
             config,
             notifier,
@@ -185,8 +189,7 @@ impl Broker {
         &self,
         request: Request<pb::EnqueueRequest>,
     ) -> Result<Response<pb::EnqueueResponse>, Status> {
-        let request = request.into_inner();
-        validate::queue_name(&request.queue)?;
+        let request = admit(request)?;
         let items = validate::enqueue_items(&self.config, request.items)?;
         let duplicates = self.store.enqueue(&request.queue, &items).await?;
         tracing::debug!(
@@ -209,8 +212,7 @@ impl Broker {
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
         let deadline = caller_deadline(&request);
-        let request = request.into_inner();
-        validate::queue_name(&request.queue)?;
+        let request = admit(request)?;
         validate::worker_id(&request.worker_id)?;
         let max_items = validate::max_items(&self.config, request.max_items)?;
         let lease = validate::lease_duration(&self.config, request.lease_duration.as_ref())?;
@@ -230,7 +232,7 @@ impl Broker {
             &self.store,
             &self.notifier,
             &call,
-            self.config.wait_recheck,
+            &self.waiting_slots,
             &self.shutdown,
         )
         .await?;
@@ -260,8 +262,7 @@ impl Broker {
         &self,
         request: Request<pb::ExtendLeaseRequest>,
     ) -> Result<Response<pb::ExtendLeaseResponse>, Status> {
-        let request = request.into_inner();
-        validate::queue_name(&request.queue)?;
+        let request = admit(request)?;
         validate::batch_len(&self.config, "lease_ids", request.lease_ids.len())?;
         let leases = validate::lease_ids(
             &request.queue,
@@ -282,8 +283,7 @@ impl Broker {
         &self,
         request: Request<pb::CompleteRequest>,
     ) -> Result<Response<pb::CompleteResponse>, Status> {
-        let request = request.into_inner();
-        validate::queue_name(&request.queue)?;
+        let request = admit(request)?;
         validate::batch_len(&self.config, "completions", request.completions.len())?;
         let mut completions = Vec::with_capacity(request.completions.len());
         let mut lease_ids = Vec::with_capacity(request.completions.len());
@@ -315,8 +315,7 @@ impl Broker {
         &self,
         request: Request<pb::FailRequest>,
     ) -> Result<Response<pb::FailResponse>, Status> {
-        let request = request.into_inner();
-        validate::queue_name(&request.queue)?;
+        let request = admit(request)?;
         let lease = validate::lease_id(&request.queue, "lease_id", &request.lease_id)?;
         let retry = validate::retry_delay(request.retry_delay.as_ref())?;
         let error = validate::error_text(&self.config, &request.error);
@@ -344,8 +343,7 @@ impl Broker {
         &self,
         request: Request<pb::ReleaseRequest>,
     ) -> Result<Response<pb::ReleaseResponse>, Status> {
-        let request = request.into_inner();
-        validate::queue_name(&request.queue)?;
+        let request = admit(request)?;
         validate::batch_len(&self.config, "lease_ids", request.lease_ids.len())?;
         let leases = validate::lease_ids(
             &request.queue,
@@ -362,8 +360,7 @@ impl Broker {
         &self,
         request: Request<pb::QueueStateRequest>,
     ) -> Result<Response<pb::QueueStateResponse>, Status> {
-        let queue = request.into_inner().queue;
-        validate::queue_name(&queue)?;
+        let queue = admit(request)?.queue;
         let snapshot = self.store.queue_state(&queue).await?;
         Ok(Response::new(queue_state_response(queue, snapshot)))
     }
@@ -372,8 +369,7 @@ impl Broker {
         &self,
         request: Request<pb::GetItemRequest>,
     ) -> Result<Response<pb::GetItemResponse>, Status> {
-        let request = request.into_inner();
-        validate::queue_name(&request.queue)?;
+        let request = admit(request)?;
         validate::item_id("id", &request.id)?;
         let fields = self
             .store

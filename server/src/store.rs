@@ -15,6 +15,7 @@ use std::{
 
 use bytes::Bytes;
 use redis::{Value, aio::ConnectionManager};
+use tokio::sync::Semaphore;
 
 use crate::{
     config::BrokerConfig,
@@ -42,6 +43,8 @@ pub struct Store {
     registry: String,
     /// Queues this process has already added to the registry, to skip the SADD on hot paths.
     registered: Mutex<HashSet<String>>,
+    /// Bounds the Redis calls in flight, so a slow Redis cannot pile up unbounded work here.
+    in_flight: Semaphore,
 }
 
 impl Store {
@@ -64,6 +67,7 @@ impl Store {
             scripts: Scripts::new(),
             channel: keys::notify_channel(&config.key_prefix),
             registry: keys::queue_registry(&config.key_prefix),
+            in_flight: Semaphore::new(config.max_redis_in_flight),
             config,
             registered: Mutex::new(HashSet::new()),
         })
@@ -107,9 +111,22 @@ impl Store {
         self.bounded(pipe.query_async(&mut conn)).await
     }
 
-    /// Bounds a Redis call by the configured timeout.
+    /// Bounds a Redis call by the configured timeout, after waiting (as long again at most)
+    /// for one of the in-flight slots.
     async fn bounded<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
-        match tokio::time::timeout(self.config.redis_timeout, call).await {
+        let timeout = self.config.redis_timeout;
+        let _slot = match tokio::time::timeout(timeout, self.in_flight.acquire()).await {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(_)) => return Err(Error::Internal("the in-flight limit was closed".into())),
+            Err(_) => {
+                return Err(Error::ResourceExhausted(format!(
+                    "the broker is busy: {} Redis calls in flight (--max-redis-in-flight) for \
+                     over {timeout:?}; retry with backoff",
+                    self.config.max_redis_in_flight
+                )));
+            }
+        };
+        match tokio::time::timeout(timeout, call).await {
             Ok(result) => Ok(result?),
             Err(_) => Err(Error::Unavailable(format!(
                 "no reply within {:?}",
@@ -183,10 +200,12 @@ impl Store {
         let mut call = self.scripts.enqueue.key(&k.ready);
         call.key(&k.delayed)
             .key(&k.meta)
+            .key(&k.leased)
             .arg(&k.item_prefix)
             .arg(&self.channel)
             .arg(queue)
-            .arg(items.len());
+            .arg(items.len())
+            .arg(self.config.max_queue_length);
         for item in items {
             let (delay_ms, not_before_ms) = match item.due {
                 Due::Now => (-1, -1),
@@ -205,10 +224,22 @@ impl Store {
         let (status, flags) = reply
             .split_first()
             .ok_or_else(|| Error::Internal("empty enqueue reply".into()))?;
-        if reply::int("enqueue status", status)? == 1 {
-            return Err(Error::FailedPrecondition(format!(
-                "queue {queue:?} is sealed: it accepts no more items"
-            )));
+        match reply::int("enqueue status", status)? {
+            0 => {}
+            1 => {
+                return Err(Error::FailedPrecondition(format!(
+                    "queue {queue:?} is sealed: it accepts no more items"
+                )));
+            }
+            _ => {
+                let held = reply::int("enqueue held", flags.first().unwrap_or(&Value::Nil))?;
+                let fresh = reply::int("enqueue fresh", flags.get(1).unwrap_or(&Value::Nil))?;
+                return Err(Error::ResourceExhausted(format!(
+                    "queue {queue:?} is full: it holds {held} items and this batch would add \
+                     {fresh}, past --max-queue-length {}; nothing was enqueued",
+                    self.config.max_queue_length
+                )));
+            }
         }
         let flags = reply::flags("enqueue duplicate flags", flags.get(1..).unwrap_or(&[]))?;
         if flags.len() != items.len() {

@@ -7,9 +7,11 @@
 use std::{net::SocketAddr, time::Duration};
 
 use tokio::{sync::oneshot, task::JoinHandle};
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 pub use wq_proto::v1 as pb;
 pub use wq_server::{config::BrokerConfig, dev::RedisProcess};
+
+pub mod pki;
 
 /// A gRPC client of the work-queue service.
 pub type Client = pb::work_queue_service_client::WorkQueueServiceClient<Channel>;
@@ -42,6 +44,8 @@ pub fn test_config() -> BrokerConfig {
 #[derive(Debug)]
 pub struct Broker {
     address: SocketAddr,
+    /// How the harness's own channels speak TLS to a broker started with TLS.
+    tls: Option<ClientTlsConfig>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), wq_server::ServeError>>>,
 }
@@ -64,6 +68,22 @@ impl Broker {
 
     /// Starts a broker listening on `address` (e.g. the address of a broker that was stopped).
     pub async fn start_at(redis_url: &str, config: BrokerConfig, address: SocketAddr) -> Self {
+        Self::launch(redis_url, config, address, None).await
+    }
+
+    /// Starts a broker whose `config` serves TLS; the harness's channels (and [`Self::url`])
+    /// use `https://localhost` with `tls`.
+    pub async fn start_tls(redis_url: &str, config: BrokerConfig, tls: ClientTlsConfig) -> Self {
+        let address = "127.0.0.1:0".parse().expect("an address");
+        Self::launch(redis_url, config, address, Some(tls)).await
+    }
+
+    async fn launch(
+        redis_url: &str,
+        config: BrokerConfig,
+        address: SocketAddr,
+        tls: Option<ClientTlsConfig>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind(address)
             .await
             .expect("binding a loopback port");
@@ -75,6 +95,7 @@ impl Broker {
         }));
         let broker = Self {
             address,
+            tls,
             stop: Some(stop),
             task: Some(task),
         };
@@ -82,9 +103,12 @@ impl Broker {
         broker
     }
 
-    /// The broker's `http://` URL.
+    /// The broker's URL: `http://127.0.0.1:port`, or `https://localhost:port` with TLS.
     pub fn url(&self) -> String {
-        format!("http://{}", self.address)
+        match self.tls {
+            None => format!("http://{}", self.address),
+            Some(_) => format!("https://localhost:{}", self.address.port()),
+        }
     }
 
     /// The broker's address.
@@ -94,9 +118,7 @@ impl Broker {
 
     /// A new client connection.
     pub async fn client(&self) -> Client {
-        Client::connect(self.url())
-            .await
-            .expect("connecting to the broker")
+        Client::new(self.channel().await)
     }
 
     /// A new admin client connection.
@@ -106,11 +128,11 @@ impl Broker {
 
     /// A channel for other services (health, reflection).
     pub async fn channel(&self) -> Channel {
-        Channel::from_shared(self.url())
-            .expect("valid url")
-            .connect()
-            .await
-            .expect("connecting to the broker")
+        let mut endpoint = Channel::from_shared(self.url()).expect("valid url");
+        if let Some(tls) = &self.tls {
+            endpoint = endpoint.tls_config(tls.clone()).expect("TLS settings");
+        }
+        endpoint.connect().await.expect("connecting to the broker")
     }
 
     async fn wait_serving(&self) {
@@ -390,4 +412,41 @@ pub async fn get_item(
         })
         .await
         .map(|r| r.into_inner().item.unwrap_or_default())
+}
+
+/// The services a broker lists through v1 reflection, calling with `token` as bearer token.
+///
+/// # Errors
+/// The status the broker answered the reflection call with.
+pub async fn reflection_services(
+    broker: &Broker,
+    token: Option<&str>,
+) -> Result<Vec<String>, tonic::Status> {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut client = ServerReflectionClient::new(broker.channel().await);
+    let ask = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut request = tonic::Request::new(tokio_stream::once(ask));
+    if let Some(token) = token {
+        let value = format!("Bearer {token}").parse().expect("an ASCII token");
+        request.metadata_mut().insert("authorization", value);
+    }
+    let mut replies = client.server_reflection_info(request).await?.into_inner();
+    let reply = replies
+        .message()
+        .await?
+        .ok_or_else(|| tonic::Status::unknown("reflection ended without a reply"))?;
+    match reply.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            Ok(list.service.into_iter().map(|s| s.name).collect())
+        }
+        other => Err(tonic::Status::unknown(format!(
+            "unexpected reply {other:?}"
+        ))),
+    }
 }

@@ -34,6 +34,23 @@ pub struct RunSummary {
     pub lost: u64,
     /// Items released unfinished at shutdown.
     pub released: u64,
+    /// The broker refused the worker for good (bad token, a role without Lease, a queue it may
+    /// not use or cannot exist), so it stopped early: retrying would not help.
+    pub refused: bool,
+}
+
+/// Status codes of a Lease that no retry can fix.
+fn refused_for_good(error: &wq_client::Error) -> bool {
+    use tonic::Code;
+    matches!(
+        error.code(),
+        Some(
+            Code::Unauthenticated
+                | Code::PermissionDenied
+                | Code::InvalidArgument
+                | Code::Unimplemented
+        )
+    )
 }
 
 enum TaskEnd {
@@ -146,6 +163,12 @@ impl Worker {
                 Ok(reply) => {
                     backoff = Duration::from_millis(100);
                     reply
+                }
+                Err(error) if refused_for_good(&error) => {
+                    tracing::error!(%error, "the broker refused this worker; stopping");
+                    summary.refused = true;
+                    drop(held);
+                    break;
                 }
                 Err(error) => {
                     tracing::warn!(%error, retry_in = ?backoff, "lease failed");

@@ -10,5 +10,6 @@ mod enqueue;
 mod lease;
 mod lifecycle;
 mod outage;
+mod security;
 mod tools;
 mod worker;

@@ -5,7 +5,7 @@ use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use wq_client::{Client, DEFAULT_BROKER};
+use wq_client::{Client, ConnectOptions};
 use wq_worker::{
     ExitPolicy, Worker, WorkerConfig,
     command::{CommandHandler, DEFAULT_PERMANENT_EXIT, SleepHandler},
@@ -26,9 +26,9 @@ enum Until {
 #[derive(Debug, Parser)]
 #[command(name = "wq-worker", version)]
 struct Args {
-    /// The broker's URL.
-    #[arg(long, env = "WQ_BROKER", default_value = DEFAULT_BROKER)]
-    broker: String,
+    /// Where the broker is, TLS and the bearer token.
+    #[command(flatten)]
+    connection: ConnectOptions,
     /// The queue to work on.
     #[arg(long, env = "WQ_QUEUE")]
     queue: String,
@@ -71,7 +71,7 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let client = match connect(&args.broker).await {
+    let client = match connect(&args.connection).await {
         Some(client) => client,
         None => return ExitCode::FAILURE,
     };
@@ -120,16 +120,22 @@ async fn main() -> ExitCode {
         released = summary.released,
         "worker stopped"
     );
-    ExitCode::SUCCESS
+    if summary.refused {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
 }
 
 /// Connects, retrying while the broker is not up yet (pods may start before it), for a minute.
-async fn connect(url: &str) -> Option<Client> {
+async fn connect(options: &ConnectOptions) -> Option<Client> {
     let mut delay = Duration::from_millis(200);
     for _ in 0..20 {
-        match Client::connect(url).await {
+        match Client::connect_with(options).await {
             Ok(client) => return Some(client),
-            Err(error @ wq_client::Error::InvalidUrl { .. }) => {
+            Err(
+                error @ (wq_client::Error::InvalidUrl { .. } | wq_client::Error::Credentials(_)),
+            ) => {
                 eprintln!("error: {error}");
                 return None;
             }
@@ -140,7 +146,7 @@ async fn connect(url: &str) -> Option<Client> {
             }
         }
     }
-    eprintln!("error: cannot reach the broker at {url}");
+    eprintln!("error: cannot reach the broker at {}", options.full_url());
     None
 }
 

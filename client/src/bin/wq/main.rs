@@ -11,7 +11,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
-use wq_client::{Client, DEFAULT_BROKER, pb};
+use wq_client::{Client, ConnectOptions, pb};
 
 mod output;
 use output::{flags, print_state, state_json};
@@ -26,9 +26,9 @@ const EXIT_TIMEOUT: u8 = 2;
     about = "Command line of the wq work-queue broker"
 )]
 struct Cli {
-    /// The broker's URL.
-    #[arg(long, global = true, env = "WQ_BROKER", default_value = DEFAULT_BROKER)]
-    broker: String,
+    /// Where the broker is, TLS and the bearer token.
+    #[command(flatten)]
+    connection: ConnectOptions,
 
     #[command(subcommand)]
     command: Command,
@@ -178,7 +178,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let client = Client::connect(&cli.broker).await?;
+    let client = Client::connect_with(&cli.connection).await?;
     match cli.command {
         Command::Seed {
             queue,

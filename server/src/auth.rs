@@ -1,0 +1,549 @@
+//! Bearer-token authentication and role-based authorization.
+//!
+//! A token file (`--auth-tokens`, typically a Kubernetes Secret mounted as a file) lists who may
+//! call the broker. One grant per line, fields separated by whitespace, `#` starts a comment:
+//!
+//! ```text
+//! # token                          name        roles            queues (optional globs)
+//! 9f2c6d0e5b1a4c7e8d3f2a1b0c9d8e7f  seeder      producer         batch-*
+//! 4b3a2c1d0e9f8a7b6c5d4e3f2a1b0c9d  job-worker  worker,producer  batch-*
+//! 0a1b2c3d4e5f6a7b8c9d0e1f2a3b4c5d  ops         admin
+//! ```
+//!
+//! Roles: `producer` (Enqueue, QueueState, GetItem), `worker` (Lease, ExtendLease, Complete,
+//! Fail, Release, QueueState) and `admin` (everything, QueueAdminService included). Queue
+//! patterns are shell globs (`*`, `?`, `[…]`); without any the grant covers every queue.
+//!
+//! [`Gate`] runs in front of every service as a tower layer: it answers UNAUTHENTICATED
+//! without a valid `authorization: Bearer …` header and PERMISSION_DENIED for a method outside
+//! the caller's roles, and leaves a [`Caller`] in the request's extensions so that handlers can
+//! check the queue they were asked about with [`admit`]. The health service is always
+//! open (probes carry no token); reflection is open, token-guarded or off by configuration.
+//! Tokens are compared in constant time and never logged; the file is re-read while the broker
+//! runs, so a rotated Secret takes effect without a restart.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use clap::ValueEnum;
+use subtle::ConstantTimeEq as _;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Status, body::Body};
+use wq_proto::v1 as pb;
+
+use crate::validate;
+
+/// Shortest token accepted in the file: guessing must stay out of reach.
+pub const MIN_TOKEN_BYTES: usize = 16;
+
+/// What a role allows, as a set of bits so a grant can hold several.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Roles(u8);
+
+impl Roles {
+    /// Enqueue, QueueState, GetItem.
+    pub const PRODUCER: Self = Self(1);
+    /// Lease, ExtendLease, Complete, Fail, Release, QueueState.
+    pub const WORKER: Self = Self(2);
+    /// Everything.
+    pub const ADMIN: Self = Self(4);
+
+    /// Whether any role of `self` is in `other`.
+    pub fn intersects(self, other: Self) -> bool {
+        self.0 & other.0 != 0
+    }
+
+    fn union(self, other: Self) -> Self {
+        Self(self.0 | other.0)
+    }
+
+    fn parse(text: &str) -> Result<Self, String> {
+        text.split(',').try_fold(Self::default(), |roles, role| {
+            let role = match role {
+                "producer" => Self::PRODUCER,
+                "worker" => Self::WORKER,
+                "admin" => Self::ADMIN,
+                other => {
+                    return Err(format!(
+                        "unknown role {other:?} (expected producer, worker or admin)"
+                    ));
+                }
+            };
+            Ok(roles.union(role))
+        })
+    }
+}
+
+impl fmt::Display for Roles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = [
+            (Self::PRODUCER, "producer"),
+            (Self::WORKER, "worker"),
+            (Self::ADMIN, "admin"),
+        ]
+        .into_iter()
+        .filter(|(role, _)| self.intersects(*role))
+        .map(|(_, name)| name)
+        .collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+/// An authenticated caller: the grant its token matched. Handlers find it in the request's
+/// extensions; without one the broker runs open and everything is allowed.
+#[derive(Debug, Clone)]
+pub struct Caller(Arc<Grant>);
+
+impl Caller {
+    /// The grant's name from the token file (safe to log).
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// Whether this caller may touch `queue`.
+    pub fn may_use_queue(&self, queue: &str) -> bool {
+        self.0.queues.is_empty() || self.0.queues.iter().any(|p| p.matches(queue))
+    }
+
+    /// Whether this caller is limited to some queues (ListQueues filters then).
+    pub fn is_limited(&self) -> bool {
+        !self.0.queues.is_empty()
+    }
+}
+
+/// The caller of `request`, when the broker authenticates.
+pub fn caller<T>(request: &Request<T>) -> Option<&Caller> {
+    request.extensions().get::<Caller>()
+}
+
+/// Request messages that name the one queue they act on.
+pub trait QueueScoped {
+    /// The queue named by the request.
+    fn queue(&self) -> &str;
+}
+
+macro_rules! queue_scoped {
+    ($($message:ident),* $(,)?) => {
+        $(impl QueueScoped for pb::$message {
+            fn queue(&self) -> &str {
+                &self.queue
+            }
+        })*
+    };
+}
+
+queue_scoped!(
+    EnqueueRequest,
+    LeaseRequest,
+    ExtendLeaseRequest,
+    CompleteRequest,
+    FailRequest,
+    ReleaseRequest,
+    QueueStateRequest,
+    GetItemRequest,
+    ListItemsRequest,
+    RequeueDeadRequest,
+    PurgeQueueRequest,
+    PauseQueueRequest,
+    ResumeQueueRequest,
+    SealQueueRequest,
+    DeleteQueueRequest,
+);
+
+/// Checks the queue name of a request, then that its caller (if the broker authenticates at
+/// all) may use that queue, and unwraps the message.
+///
+/// # Errors
+/// INVALID_ARGUMENT naming `queue`, or PERMISSION_DENIED naming the caller and the queue.
+pub fn admit<T: QueueScoped>(request: Request<T>) -> Result<T, Status> {
+    let queue = request.get_ref().queue();
+    validate::queue_name(queue)?;
+    match caller(&request) {
+        Some(caller) if !caller.may_use_queue(queue) => Err(Status::permission_denied(format!(
+            "caller {:?} may not use queue {queue:?}",
+            caller.name()
+        ))),
+        _ => Ok(request.into_inner()),
+    }
+}
+
+/// One line of the token file, without the token.
+#[derive(Debug)]
+struct Grant {
+    name: String,
+    roles: Roles,
+    queues: Vec<glob::Pattern>,
+}
+
+/// The parsed token file.
+#[derive(Default)]
+pub struct TokenTable {
+    entries: Vec<(Vec<u8>, Arc<Grant>)>,
+}
+
+impl fmt::Debug for TokenTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the tokens themselves.
+        let names: Vec<&str> = self.entries.iter().map(|(_, g)| g.name.as_str()).collect();
+        f.debug_struct("TokenTable")
+            .field("grants", &names)
+            .finish()
+    }
+}
+
+impl TokenTable {
+    /// Parses the token file format described in the module documentation.
+    ///
+    /// # Errors
+    /// A message naming the line and what is wrong with it (never quoting a token).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut entries: Vec<(Vec<u8>, Arc<Grant>)> = Vec::new();
+        for (index, line) in text.lines().enumerate() {
+            let line_no = index + 1;
+            let line = line.split('#').next().unwrap_or_default().trim();
+            if line.is_empty() {
+                continue;
+            }
+            let mut fields = line.split_whitespace();
+            let (Some(token), Some(name), Some(roles)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                return Err(format!(
+                    "line {line_no}: expected `TOKEN NAME ROLES [QUEUE-PATTERN…]`"
+                ));
+            };
+            if token.len() < MIN_TOKEN_BYTES {
+                return Err(format!(
+                    "line {line_no} ({name}): the token must be at least {MIN_TOKEN_BYTES} characters"
+                ));
+            }
+            let roles = Roles::parse(roles).map_err(|e| format!("line {line_no} ({name}): {e}"))?;
+            let queues = fields
+                .map(|pattern| {
+                    glob::Pattern::new(pattern).map_err(|e| {
+                        format!("line {line_no} ({name}): bad queue pattern {pattern:?}: {e}")
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            if entries
+                .iter()
+                .any(|(known, _)| bool::from(known.as_slice().ct_eq(token.as_bytes())))
+            {
+                return Err(format!(
+                    "line {line_no} ({name}): the same token appears twice"
+                ));
+            }
+            let grant = Grant {
+                name: name.to_owned(),
+                roles,
+                queues,
+            };
+            entries.push((token.as_bytes().to_vec(), Arc::new(grant)));
+        }
+        if entries.is_empty() {
+            return Err(
+                "the token file holds no tokens; without any, every call would be refused".into(),
+            );
+        }
+        Ok(Self { entries })
+    }
+
+    /// Reads and parses a token file.
+    ///
+    /// # Errors
+    /// A message naming the file.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("token file {}: {e}", path.display()))
+    }
+
+    /// The grant whose token equals `presented`. Every entry is compared, each in constant
+    /// time, so the answer's timing says nothing about which token came close.
+    fn find(&self, presented: &[u8]) -> Option<Caller> {
+        let mut found = None;
+        for (token, grant) in &self.entries {
+            if bool::from(token.as_slice().ct_eq(presented)) {
+                found = Some(Caller(Arc::clone(grant)));
+            }
+        }
+        found
+    }
+
+    /// How many grants the table holds.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the table holds no grants (never true for a parsed file).
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// Who may use server reflection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum ReflectionAccess {
+    /// Anyone (the schema is public anyway in most deployments).
+    Open,
+    /// Any caller with a valid token, whatever its role.
+    #[default]
+    Authenticated,
+    /// Not served at all.
+    Off,
+}
+
+/// What a method requires.
+enum Access {
+    Open,
+    Roles(Roles),
+    AnyCaller,
+}
+
+fn required_access(path: &str, reflection: ReflectionAccess) -> Access {
+    const PRODUCER: Roles = Roles::PRODUCER;
+    const WORKER: Roles = Roles::WORKER;
+    let both = PRODUCER.union(WORKER);
+    let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
+        return Access::Roles(Roles::ADMIN);
+    };
+    let roles = match (service, method) {
+        ("grpc.health.v1.Health", _) => return Access::Open,
+        ("grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection", _) => {
+            return match reflection {
+                ReflectionAccess::Open => Access::Open,
+                ReflectionAccess::Authenticated | ReflectionAccess::Off => Access::AnyCaller,
+            };
+        }
+        ("wq.v1.WorkQueueService", "Enqueue" | "GetItem") => PRODUCER,
+        ("wq.v1.WorkQueueService", "QueueState") => both,
+        ("wq.v1.WorkQueueService", "Lease" | "ExtendLease" | "Complete" | "Fail" | "Release") => {
+            WORKER
+        }
+        // QueueAdminService, and anything added later that nobody thought about here.
+        _ => Roles::ADMIN,
+    };
+    Access::Roles(roles.union(Roles::ADMIN))
+}
+
+/// The broker's token table, swapped whole when the file changes.
+#[derive(Debug)]
+pub struct Tokens {
+    path: PathBuf,
+    table: RwLock<Arc<TokenTable>>,
+}
+
+impl Tokens {
+    /// Loads the token file at `path`.
+    ///
+    /// # Errors
+    /// A message naming the file and the problem.
+    pub fn load(path: PathBuf) -> Result<Self, String> {
+        let table = TokenTable::load(&path)?;
+        Ok(Self {
+            path,
+            table: RwLock::new(Arc::new(table)),
+        })
+    }
+
+    fn current(&self) -> Arc<TokenTable> {
+        match self.table.read() {
+            Ok(table) => Arc::clone(&table),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Re-reads the file every `interval` until `stop`; a file that no longer parses keeps the
+    /// previous table in force and is logged (without tokens), so a bad edit locks nobody out.
+    pub async fn reload(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+        let mut last_text = std::fs::read_to_string(&self.path).ok();
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            let text = match std::fs::read_to_string(&self.path) {
+                Ok(text) => text,
+                Err(error) => {
+                    tracing::error!(path = %self.path.display(), %error, "cannot re-read the token file; keeping the tokens in force");
+                    continue;
+                }
+            };
+            if last_text.as_deref() == Some(text.as_str()) {
+                continue;
+            }
+            match TokenTable::parse(&text) {
+                Ok(table) => {
+                    tracing::info!(path = %self.path.display(), grants = table.len(), "token file reloaded");
+                    let table = Arc::new(table);
+                    match self.table.write() {
+                        Ok(mut current) => *current = table,
+                        Err(poisoned) => *poisoned.into_inner() = table,
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(path = %self.path.display(), %error, "the changed token file is invalid; keeping the tokens in force");
+                }
+            }
+            last_text = Some(text);
+        }
+    }
+}
+
+/// The authentication gate in front of every service (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct Gate {
+    tokens: Arc<Tokens>,
+    reflection: ReflectionAccess,
+}
+
+impl Gate {
+    /// A gate checking callers against `tokens`.
+    pub fn new(tokens: Arc<Tokens>, reflection: ReflectionAccess) -> Self {
+        Self { tokens, reflection }
+    }
+
+    /// Decides on one request: `Ok` with the caller to record (None for open methods), or the
+    /// status to answer with.
+    fn admit<B>(&self, request: &http::Request<B>) -> Result<Option<Caller>, Status> {
+        let access = required_access(request.uri().path(), self.reflection);
+        if matches!(access, Access::Open) {
+            return Ok(None);
+        }
+        let presented = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .ok_or_else(|| {
+                Status::unauthenticated("missing `authorization: Bearer <token>` metadata")
+            })?
+            .as_bytes();
+        let token = presented
+            .strip_prefix(b"Bearer ")
+            .or_else(|| presented.strip_prefix(b"bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("the authorization metadata must be `Bearer <token>`")
+            })?;
+        let caller = self
+            .tokens
+            .current()
+            .find(token)
+            .ok_or_else(|| Status::unauthenticated("unknown bearer token"))?;
+        if let Access::Roles(allowed) = access
+            && !caller.0.roles.intersects(allowed)
+        {
+            return Err(Status::permission_denied(format!(
+                "caller {:?} (role {}) may not call {}",
+                caller.name(),
+                caller.0.roles,
+                request.uri().path()
+            )));
+        }
+        Ok(Some(caller))
+    }
+}
+
+impl<B> tower_http::validate_request::ValidateRequest<B> for Gate {
+    type ResponseBody = Body;
+
+    fn validate(&mut self, request: &mut http::Request<B>) -> Result<(), http::Response<Body>> {
+        match self.admit(request) {
+            Ok(caller) => {
+                if let Some(caller) = caller {
+                    request.extensions_mut().insert(caller);
+                }
+                Ok(())
+            }
+            Err(status) => {
+                tracing::debug!(path = request.uri().path(), code = ?status.code(), "refused at the gate");
+                Err(status.into_http())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FILE: &str = "
+        # comment line
+        producer-token-0123456789 seeder producer batch-* other
+        worker-token-0123456789ab runner worker,producer   # trailing comment
+        admin-token-0123456789abc ops admin
+    ";
+
+    fn caller_for(table: &TokenTable, token: &str) -> Option<Caller> {
+        table.find(token.as_bytes())
+    }
+
+    #[test]
+    fn parses_grants_and_finds_tokens() {
+        let table = TokenTable::parse(FILE).expect("valid file");
+        assert_eq!(table.len(), 3);
+        let seeder = caller_for(&table, "producer-token-0123456789").expect("seeder");
+        assert_eq!(seeder.name(), "seeder");
+        assert!(seeder.may_use_queue("batch-7"));
+        assert!(seeder.may_use_queue("other"));
+        assert!(!seeder.may_use_queue("payroll"));
+        let runner = caller_for(&table, "worker-token-0123456789ab").expect("runner");
+        assert_eq!(runner.0.roles.to_string(), "producer,worker");
+        assert!(runner.may_use_queue("anything"));
+        assert!(caller_for(&table, "worker-token-0123456789a").is_none());
+        assert!(caller_for(&table, "").is_none());
+    }
+
+    #[test]
+    fn rejects_bad_files_naming_the_line_without_the_token() {
+        for (text, expected) in [
+            ("", "holds no tokens"),
+            (
+                "short name producer",
+                "line 1 (name): the token must be at least 16",
+            ),
+            ("abcdefghijklmnopq name", "line 1: expected"),
+            ("abcdefghijklmnopq name boss", "unknown role \"boss\""),
+            ("abcdefghijklmnopq name admin [", "bad queue pattern"),
+            (
+                "abcdefghijklmnopq a admin\nabcdefghijklmnopq b worker",
+                "line 2 (b): the same token appears twice",
+            ),
+        ] {
+            let error = TokenTable::parse(text).expect_err(text);
+            assert!(error.contains(expected), "{text:?} gave {error:?}");
+            assert!(
+                !error.contains("abcdefghijklmnopq"),
+                "token leaked: {error}"
+            );
+        }
+    }
+
+    #[test]
+    fn methods_need_the_documented_roles() {
+        let needs = |path| match required_access(path, ReflectionAccess::Authenticated) {
+            Access::Open => "open".to_owned(),
+            Access::AnyCaller => "any".to_owned(),
+            Access::Roles(roles) => roles.to_string(),
+        };
+        assert_eq!(needs("/grpc.health.v1.Health/Check"), "open");
+        assert_eq!(needs("/wq.v1.WorkQueueService/Enqueue"), "producer,admin");
+        assert_eq!(needs("/wq.v1.WorkQueueService/GetItem"), "producer,admin");
+        assert_eq!(
+            needs("/wq.v1.WorkQueueService/QueueState"),
+            "producer,worker,admin"
+        );
+        assert_eq!(needs("/wq.v1.WorkQueueService/Lease"), "worker,admin");
+        assert_eq!(needs("/wq.v1.WorkQueueService/Release"), "worker,admin");
+        assert_eq!(needs("/wq.v1.QueueAdminService/PurgeQueue"), "admin");
+        assert_eq!(needs("/wq.v1.QueueAdminService/ListQueues"), "admin");
+        assert_eq!(
+            needs("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            "any"
+        );
+        assert_eq!(needs("/wq.v2.Future/Call"), "admin");
+        assert_eq!(needs("/nonsense"), "admin");
+    }
+}
