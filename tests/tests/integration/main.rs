@@ -9,6 +9,7 @@ mod deploy;
 mod enqueue;
 mod lease;
 mod lifecycle;
+mod model;
 mod outage;
 mod security;
 mod tools;
