@@ -7,6 +7,7 @@ mod cli;
 mod client;
 mod deploy;
 mod enqueue;
+mod faults;
 mod lease;
 mod lifecycle;
 mod model;
