@@ -86,3 +86,24 @@ impl From<Error> for Status {
         }
     }
 }
+
+/// tonic answers a request message over `--max-message-bytes` with OUT_OF_RANGE; gRPC's own
+/// implementations, and what callers look for, use RESOURCE_EXHAUSTED for a size limit. Such
+/// an answer is always trailers-only (the handler never ran), so the status sits in the headers
+/// and can be corrected on the way out.
+pub fn message_limit_as_resource_exhausted<B>(
+    mut response: http::Response<B>,
+) -> http::Response<B> {
+    const OUT_OF_RANGE: &[u8] = b"11";
+    let headers = response.headers_mut();
+    let too_large = headers
+        .get("grpc-message")
+        .is_some_and(|m| m.to_str().unwrap_or("").contains("message%20length%20too%20large"));
+    if too_large && headers.get("grpc-status").map(|s| s.as_bytes()) == Some(OUT_OF_RANGE) {
+        headers.insert(
+            "grpc-status",
+            http::HeaderValue::from(Code::ResourceExhausted as i32),
+        );
+    }
+    response
+}

@@ -52,13 +52,16 @@ pub async fn lease_or_wait(
 ) -> Result<LeaseBatch> {
     let deadline = Instant::now() + call.max_wait;
     let recheck = store.config().wait_recheck;
-    let notify = notifier.watch(&call.queue);
+    let watch = notifier.watch(&call.queue);
     let mut waiting_slot = None;
     loop {
         // Registered before the attempt, so a notification sent while the script runs is kept.
-        let notified = notify.notified();
+        let notified = watch.ready.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
+        let drained = watch.drained.notified();
+        tokio::pin!(drained);
+        drained.as_mut().enable();
 
         let batch = lease_once(store, call).await?;
         let now = Instant::now();
@@ -87,6 +90,7 @@ pub async fn lease_or_wait(
         }
         tokio::select! {
             () = &mut notified => {}
+            () = &mut drained, if call.return_if_drained => {}
             () = tokio::time::sleep_until(wake_at) => {}
             () = shutdown.cancelled() => {}
         }

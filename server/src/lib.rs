@@ -177,6 +177,9 @@ pub async fn serve(
     });
     let with_reflection = config.security.reflection != auth::ReflectionAccess::Off;
     let server = builder
+        .layer(tower::util::MapResponseLayer::new(
+            error::message_limit_as_resource_exhausted,
+        ))
         .layer(tower::util::option_layer(gate))
         .add_service(health_service)
         .add_optional_service(with_reflection.then_some(reflection_v1))

@@ -15,31 +15,41 @@ use tokio_util::sync::CancellationToken;
 /// Most waiters one message wakes (a batch of thousands of items need not wake more).
 const MAX_WAKE_PER_MESSAGE: u64 = 1024;
 
+/// The wake-up points of one queue.
+#[derive(Debug, Default)]
+pub struct QueueWatch {
+    /// Signalled once per item that became ready.
+    pub ready: Notify,
+    /// Signalled (to all) when the queue drains; only waiters that return on a drained queue
+    /// listen, so a drain does not send every idle waiter back to Redis.
+    pub drained: Notify,
+}
+
 /// Per-queue wake-up points shared by the waiting Lease calls of this process.
 #[derive(Debug, Default)]
 pub struct Notifier {
-    queues: Mutex<HashMap<String, Weak<Notify>>>,
+    queues: Mutex<HashMap<String, Weak<QueueWatch>>>,
 }
 
 impl Notifier {
-    /// The wake-up point of `queue`; waiters hold the returned `Arc` while they wait.
-    pub fn watch(&self, queue: &str) -> Arc<Notify> {
+    /// The wake-up points of `queue`; waiters hold the returned `Arc` while they wait.
+    pub fn watch(&self, queue: &str) -> Arc<QueueWatch> {
         let Ok(mut queues) = self.queues.lock() else {
-            // A poisoned map only means another thread panicked mid-update; a private Notify
+            // A poisoned map only means another thread panicked mid-update; a private watch
             // still works through the waiter's timed re-check.
-            return Arc::new(Notify::new());
+            return Arc::default();
         };
         if let Some(existing) = queues.get(queue).and_then(Weak::upgrade) {
             return existing;
         }
         // Forget queues nobody waits on any more before adding one.
         queues.retain(|_, weak| weak.strong_count() > 0);
-        let notify = Arc::new(Notify::new());
-        queues.insert(queue.to_owned(), Arc::downgrade(&notify));
-        notify
+        let watch = Arc::<QueueWatch>::default();
+        queues.insert(queue.to_owned(), Arc::downgrade(&watch));
+        watch
     }
 
-    fn get(&self, queue: &str) -> Option<Arc<Notify>> {
+    fn get(&self, queue: &str) -> Option<Arc<QueueWatch>> {
         self.queues.lock().ok()?.get(queue).and_then(Weak::upgrade)
     }
 
@@ -49,28 +59,29 @@ impl Notifier {
     }
 
     /// Wakes up to `count` waiters of `queue`: one per item that became ready, so a single
-    /// item does not send every waiter to Redis. A count of 0 means the queue just drained and
-    /// wakes every waiter, so those that asked to return on a drained queue hear of it at once.
+    /// item does not send every waiter to Redis. A count of 0 means the queue just drained: it
+    /// wakes the waiters that asked to return on a drained queue, and only those.
     pub fn wake(&self, queue: &str, count: u64) {
-        if let Some(notify) = self.get(queue) {
+        if let Some(watch) = self.get(queue) {
             if count == 0 {
-                notify.notify_waiters();
+                watch.drained.notify_waiters();
                 return;
             }
             for _ in 0..count.min(MAX_WAKE_PER_MESSAGE) {
-                notify.notify_one();
+                watch.ready.notify_one();
             }
         }
     }
 
     /// Wakes every waiter of every queue, after notifications may have been missed.
     pub fn wake_all(&self) {
-        let live: Vec<Arc<Notify>> = match self.queues.lock() {
+        let live: Vec<Arc<QueueWatch>> = match self.queues.lock() {
             Ok(queues) => queues.values().filter_map(Weak::upgrade).collect(),
             Err(_) => return,
         };
-        for notify in live {
-            notify.notify_waiters();
+        for watch in live {
+            watch.ready.notify_waiters();
+            watch.drained.notify_waiters();
         }
     }
 }

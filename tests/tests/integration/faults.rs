@@ -1490,17 +1490,12 @@ async fn script_calls(redis: &RedisProcess) -> u64 {
         .sum()
 }
 
-/// A known bug, in its smallest reproduction. When a queue drains, the script announces it
-/// (`notify_if_drained`, server/lua/lib.lua) and every broker wakes every Lease waiting on that
-/// queue (`Notifier::wake` with a count of 0, server/src/notify.rs). Each woken call runs the
-/// lease script again (`lease_or_wait`, server/src/lease.rs), also the calls without
-/// `return_if_drained` (`wq-worker --forever`, raw clients), which then simply wait again. So
-/// every drain costs one Redis script per idle waiter: with 2000 waiters one Complete caused about
-/// 2000 lease scripts, and the next call of an unrelated client waited 0.4–0.8 s behind them
-/// (debug build); a queue whose items trickle in one at a time drains after every item.
+/// A drain must wake only the Lease calls that asked to return on a drained queue
+/// (`return_if_drained`). It once woke every waiter of the queue in every broker, and each re-ran
+/// the lease script: with 2000 idle waiters one Complete caused about 2000 scripts, and an
+/// unrelated client's next call waited 0.4–0.8 s behind them (debug build). Drain news now has
+/// its own wake-up point (`QueueWatch::drained`, server/src/notify.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: a drain wakes every idle waiter and each re-runs the lease script; \
-            run with --ignored"]
 async fn a_draining_queue_does_not_send_every_idle_waiter_back_to_redis() {
     const WAITERS: usize = 200;
     let redis = redis().await;

@@ -10,6 +10,7 @@ mod enqueue;
 mod faults;
 mod lease;
 mod lifecycle;
+mod limits;
 mod model;
 mod outage;
 mod security;
