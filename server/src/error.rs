@@ -96,9 +96,11 @@ pub fn message_limit_as_resource_exhausted<B>(
 ) -> http::Response<B> {
     const OUT_OF_RANGE: &[u8] = b"11";
     let headers = response.headers_mut();
-    let too_large = headers
-        .get("grpc-message")
-        .is_some_and(|m| m.to_str().unwrap_or("").contains("message%20length%20too%20large"));
+    let too_large = headers.get("grpc-message").is_some_and(|m| {
+        m.to_str()
+            .unwrap_or("")
+            .contains("message%20length%20too%20large")
+    });
     if too_large && headers.get("grpc-status").map(|s| s.as_bytes()) == Some(OUT_OF_RANGE) {
         headers.insert(
             "grpc-status",

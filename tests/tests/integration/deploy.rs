@@ -1,7 +1,8 @@
 //! deploy/: the kustomize base renders offline, validates against the Kubernetes schemas, and its
-//! seed and worker Jobs, run as local processes with their own commands, args and env (only the
-//! broker address pointed at a local broker), do the walkthrough — so the manifests can never
-//! drift from the binaries' flags.
+//! seed and worker Jobs, run as local processes with their own commands, args and env (tokens
+//! from the rendered Secrets; only the broker address pointed at a local broker that uses the
+//! Deployment's token table), do the walkthrough — so the manifests can never drift from the
+//! binaries' flags, and the demo tokens' roles are exactly enough.
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
@@ -62,6 +63,17 @@ async fn manifests_render_and_validate_against_kubernetes_schemas() {
         4,
         "every pod runs as non-root"
     );
+    assert_eq!(
+        rendered.matches("readOnlyRootFilesystem: true").count(),
+        4,
+        "every container has a read-only root filesystem"
+    );
+    assert_eq!(
+        rendered.matches("kind: Secret").count(),
+        3,
+        "tokens travel in Secrets"
+    );
+    assert!(!rendered.contains("--token"), "no token on a command line");
     let validated = pipe(
         tool("kubernetes-validate"),
         &["--strict".into(), "-".into()],
@@ -78,8 +90,6 @@ async fn manifests_render_and_validate_against_kubernetes_schemas() {
 
 #[tokio::test]
 async fn job_manifests_run_locally_do_the_walkthrough() {
-    let redis = redis().await;
-    let broker = Broker::start(&redis.url()).await;
     let rendered = render().await;
     let extracted = pipe(
         tool("python"),
@@ -92,13 +102,32 @@ async fn job_manifests_run_locally_do_the_walkthrough() {
         "{}",
         String::from_utf8_lossy(&extracted.stderr)
     );
-    let jobs: serde_json::Value = serde_json::from_slice(&extracted.stdout).expect("json");
-    let jobs = jobs.as_array().expect("a list of jobs");
-    let find = |name: &str| {
-        jobs.iter()
-            .find(|j| j["job"] == name)
-            .unwrap_or_else(|| panic!("job {name} in deploy/base"))
+    let manifests: serde_json::Value = serde_json::from_slice(&extracted.stdout).expect("json");
+    let find = |kind: &str, name: &str| {
+        manifests[kind]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .find(|j| j["name"] == name)
+            .unwrap_or_else(|| panic!("{kind} {name} in deploy/base"))
+            .clone()
     };
+
+    // The broker requires tokens, with the table the Deployment mounts from its Secret.
+    let server = find("deployments", "wq-server");
+    let table_path = server["env"]["WQ_AUTH_TOKENS"]
+        .as_str()
+        .expect("wq-server gets WQ_AUTH_TOKENS");
+    let table = server["files"][table_path]
+        .as_str()
+        .expect("the token table is mounted from a Secret");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut config = test_config();
+    config.security.auth_tokens = Some(dir.path().join("tokens"));
+    std::fs::write(dir.path().join("tokens"), table).expect("writing the token table");
+    let redis = redis().await;
+    let broker = Broker::start_with(&redis.url(), config).await;
+
     let spawn = |job: &serde_json::Value| {
         let argv: Vec<&str> = job["argv"]
             .as_array()
@@ -122,12 +151,12 @@ async fn job_manifests_run_locally_do_the_walkthrough() {
     };
 
     // Workers first, as pods may start before the seed Job: they wait for the sealed queue.
-    let worker_job = find("job-wq-2");
+    let worker_job = &find("jobs", "job-wq-2");
     let parallelism = worker_job["parallelism"].as_u64().expect("parallelism");
     assert_eq!(parallelism, 2);
     let workers: Vec<_> = (0..parallelism).map(|_| spawn(worker_job)).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let seed = spawn(find("job-wq-seed"));
+    let seed = spawn(&find("jobs", "job-wq-seed"));
     let seeded = seed.wait_with_output().await.expect("seed ends");
     assert!(
         seeded.status.success(),
@@ -152,7 +181,21 @@ async fn job_manifests_run_locally_do_the_walkthrough() {
             .count();
     }
     assert_eq!(worked, 9);
+    // The harness's client carries no token: the broker must refuse it.
     let mut client = broker.client().await;
-    let s = state(&mut client, "job2").await;
+    let refused = client
+        .queue_state(pb::QueueStateRequest {
+            queue: "job2".into(),
+        })
+        .await
+        .expect_err("no token, no access");
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let as_worker = wq_client::Client::connect_with(&wq_client::ConnectOptions {
+        token: worker_job["env"]["WQ_TOKEN"].as_str().map(str::to_owned),
+        ..wq_client::ConnectOptions::new(broker.url())
+    })
+    .await
+    .expect("connecting with the worker Job's token");
+    let s = as_worker.queue_state("job2").await.expect("queue state");
     assert_eq!((s.completed_total, s.sealed, s.drained), (9, true, true));
 }

@@ -6,8 +6,7 @@ use std::time::{Duration, Instant};
 
 use tonic::Code;
 use wq_tests::{
-    Broker, complete, enqueue, item, item_with_id, lease, pb, redis, redis_dump, state,
-    test_config,
+    Broker, complete, enqueue, item, item_with_id, lease, pb, redis, redis_dump, state, test_config,
 };
 
 #[tokio::test]
@@ -17,7 +16,12 @@ async fn a_full_queue_refuses_whole_batches_until_items_finish() {
     config.max_queue_length = 3;
     let broker = Broker::start_with(&redis.url(), config).await;
     let mut client = broker.client().await;
-    enqueue(&mut client, "q", vec![item_with_id("a", "a"), item_with_id("b", "b")]).await;
+    enqueue(
+        &mut client,
+        "q",
+        vec![item_with_id("a", "a"), item_with_id("b", "b")],
+    )
+    .await;
 
     // Two new items (the duplicate does not count) would make four: nothing is written.
     let before = redis_dump(&redis).await;
@@ -33,7 +37,11 @@ async fn a_full_queue_refuses_whole_batches_until_items_finish() {
         refused.message().contains("--max-queue-length 3") && refused.message().contains("holds 2"),
         "{refused:?}"
     );
-    assert_eq!(redis_dump(&redis).await, before, "a refused batch writes nothing");
+    assert_eq!(
+        redis_dump(&redis).await,
+        before,
+        "a refused batch writes nothing"
+    );
     // Another queue has its own room.
     enqueue(&mut client, "other", vec![item("x"), item("y"), item("z")]).await;
 
@@ -41,7 +49,11 @@ async fn a_full_queue_refuses_whole_batches_until_items_finish() {
     enqueue(
         &mut client,
         "q",
-        vec![item_with_id("b", "b"), item_with_id("c", "c"), item_with_id("c", "c")],
+        vec![
+            item_with_id("b", "b"),
+            item_with_id("c", "c"),
+            item_with_id("c", "c"),
+        ],
     )
     .await;
     // Leased items still occupy the queue; completed ones free their place.
@@ -85,14 +97,23 @@ async fn waiting_leases_beyond_the_bound_are_refused_at_once_and_slots_come_back
     }
     // Nothing shows how many calls wait; give both time to reach their wait.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(waiters.iter().all(|w| !w.is_finished()), "both waiters wait");
+    assert!(
+        waiters.iter().all(|w| !w.is_finished()),
+        "both waiters wait"
+    );
     let started = Instant::now();
     let refused = client
         .lease(waiting_lease("q"))
         .await
         .expect_err("a third waiter is refused");
-    assert!(started.elapsed() < Duration::from_secs(1), "refused at once");
-    assert!(refused.message().contains("--max-waiting-leases 2"), "{refused:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "refused at once"
+    );
+    assert!(
+        refused.message().contains("--max-waiting-leases 2"),
+        "{refused:?}"
+    );
     // A Lease that finds work, or does not wait, needs no waiting slot.
     let empty = lease(&mut client, "empty", 1, Duration::from_secs(60)).await;
     assert!(empty.items.is_empty());
@@ -110,7 +131,10 @@ async fn waiting_leases_beyond_the_bound_are_refused_at_once_and_slots_come_back
     let again = tokio::spawn(async move { waiter.lease(waiting_lease("q")).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
     enqueue(&mut client, "q", vec![item("c")]).await;
-    let reply = again.await.expect("task").expect("a new waiter is admitted");
+    let reply = again
+        .await
+        .expect("task")
+        .expect("a new waiter is admitted");
     assert_eq!(reply.into_inner().items.len(), 1);
 }
 
