@@ -162,14 +162,34 @@ mod tests {
     #[tokio::test]
     async fn wake_reaches_a_registered_waiter_and_stale_queues_are_forgotten() {
         let notifier = Notifier::default();
-        let notify = notifier.watch("q");
+        let watch = notifier.watch("q");
         assert!(notifier.has_waiters("q"));
-        let waiter = notify.notified();
+        let waiter = watch.ready.notified();
         notifier.wake("q", 1);
         tokio::time::timeout(Duration::from_secs(1), waiter)
             .await
             .expect("woken");
-        drop(notify);
+        drop(watch);
         assert!(!notifier.has_waiters("q"));
+    }
+
+    #[tokio::test]
+    async fn drain_news_wakes_only_drain_listeners() {
+        let notifier = Notifier::default();
+        let watch = notifier.watch("q");
+        let ready = watch.ready.notified();
+        let drained = watch.drained.notified();
+        tokio::pin!(ready, drained);
+        ready.as_mut().enable();
+        drained.as_mut().enable();
+        notifier.wake("q", 0);
+        tokio::time::timeout(Duration::from_secs(1), drained)
+            .await
+            .expect("a drain listener is woken");
+        let still_waiting = tokio::time::timeout(Duration::from_millis(50), ready).await;
+        assert!(
+            still_waiting.is_err(),
+            "a plain waiter sleeps through a drain"
+        );
     }
 }
