@@ -61,6 +61,8 @@ fn decode_page_token(token: &str) -> Result<u64> {
         .ok()
         .and_then(|raw| String::from_utf8(raw).ok())
         .and_then(|text| text.strip_prefix("o:")?.parse().ok())
+        // Redis positions are signed 64-bit; no page this broker issued lies beyond.
+        .filter(|offset| i64::try_from(*offset).is_ok())
         .ok_or_else(|| Error::invalid("page_token", "is not a page token issued by this broker"))
 }
 
@@ -151,7 +153,7 @@ impl Admin {
             }
         }
         let next_page_token = if used > budget || has_more {
-            encode_page_token(offset + processed)
+            encode_page_token(offset.saturating_add(processed))
         } else {
             String::new()
         };

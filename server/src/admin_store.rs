@@ -165,7 +165,11 @@ impl Store {
             IndexedState::Leased => &k.leased,
             IndexedState::Dead => &k.dead,
         };
-        let stop = offset.saturating_add(count).saturating_sub(1);
+        // Redis ranges are signed 64-bit.
+        let stop = offset
+            .saturating_add(count)
+            .saturating_sub(1)
+            .min(i64::MAX as u64);
         let members: Vec<String> = self
             .command(redis::cmd("ZRANGE").arg(key).arg(offset).arg(stop))
             .await?;
@@ -190,6 +194,10 @@ impl Store {
         ids: &[String],
         with_payloads: bool,
     ) -> Result<Vec<Vec<(String, Bytes)>>> {
+        if ids.is_empty() {
+            // An empty pipeline is not a valid Redis request.
+            return Ok(Vec::new());
+        }
         let k = self.keys(queue);
         let mut pipe = redis::pipe();
         for id in ids {

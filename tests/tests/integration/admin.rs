@@ -446,3 +446,53 @@ async fn a_queue_deleted_through_one_replica_is_listed_again_after_enqueue_throu
     })
     .await;
 }
+
+#[tokio::test]
+async fn page_tokens_past_the_end_give_an_empty_last_page() {
+    use base64::Engine as _;
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    enqueue(&mut client, "q", vec![item("a"), item("b")]).await;
+    let mut admin = broker.admin().await;
+    for offset in [2, 1000, i64::MAX as u64] {
+        let token = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("o:{offset}"));
+        let queues = admin
+            .list_queues(pb::ListQueuesRequest {
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ListQueues at offset {offset}: {e:?}"))
+            .into_inner();
+        assert!(queues.queues.is_empty() && queues.next_page_token.is_empty());
+        let items = admin
+            .list_items(pb::ListItemsRequest {
+                queue: "q".into(),
+                state: pb::ItemState::Ready as i32,
+                page_token: token,
+                include_payloads: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("ListItems at offset {offset}: {e:?}"))
+            .into_inner();
+        assert!(items.items.is_empty() && items.next_page_token.is_empty());
+    }
+    // Beyond any position Redis can hold: not a token this broker issued.
+    let forged = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("o:{}", u64::MAX));
+    let refused = admin
+        .list_queues(pb::ListQueuesRequest {
+            page_token: forged,
+            ..Default::default()
+        })
+        .await
+        .expect_err("a forged page token");
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().starts_with("page_token"), "{refused:?}");
+    assert_eq!(
+        state(&mut client, "q").await.ready,
+        2,
+        "the broker still serves"
+    );
+}
