@@ -8,6 +8,7 @@ mod client;
 mod deploy;
 mod enqueue;
 mod faults;
+mod fuzz;
 mod lease;
 mod lifecycle;
 mod limits;
