@@ -193,7 +193,7 @@ async fn arbitrary_bodies_get_documented_statuses_and_garbage_writes_nothing() {
     broker.stop().await;
     eprintln!(
         "fuzz: calls={} statuses={} elapsed={:.1}s seed={seed} garbage={} mutated={} nasty={} \
-         (decodable: garbage={} mutated={} nasty={}; known ListItems bug: {})",
+         (decodable: garbage={} mutated={} nasty={})",
         all.calls,
         counts(&all.statuses),
         started.elapsed().as_secs_f64(),
@@ -203,7 +203,6 @@ async fn arbitrary_bodies_get_documented_statuses_and_garbage_writes_nothing() {
         garbage.decodable,
         mutated.decodable,
         nasty.decodable,
-        all.known_bug,
     );
 }
 
@@ -786,8 +785,6 @@ struct Tally {
     statuses: BTreeMap<String, usize>,
     /// Answers outside the documented set, with the method and body to reproduce them.
     findings: Vec<String>,
-    /// Answers explained by the known bug of [`is_known_empty_page_bug`].
-    known_bug: usize,
 }
 
 impl Tally {
@@ -801,12 +798,6 @@ impl Tally {
             Some(Err(status)) => format!("{:?}", status.code()),
         };
         *self.statuses.entry(name).or_default() += 1;
-        if let Some(Err(status)) = &answer
-            && is_known_empty_page_bug(method, status)
-        {
-            self.known_bug += 1;
-            return;
-        }
         let documented = match &answer {
             None => false,
             Some(Ok(_)) => decodes,
@@ -837,19 +828,7 @@ impl Tally {
             *self.statuses.entry(name.clone()).or_default() += count;
         }
         self.findings.extend(other.findings.iter().cloned());
-        self.known_bug += other.known_bug;
     }
-}
-
-/// Whether `status` is the known ListItems bug pinned by
-/// `list_items_of_an_empty_state_answers_an_empty_page` (ignored until fixed): an empty page is
-/// answered INTERNAL. Mutated ListItems requests hit it all the time (another state, a page token
-/// past the end), so without this exemption it would hide every other finding. Remove it with
-/// the fix.
-fn is_known_empty_page_bug(method: &Method, status: &Status) -> bool {
-    method.path == "/wq.v1.QueueAdminService/ListItems"
-        && status.code() == Code::Internal
-        && status.message() == "internal broker error (logged by the broker)"
 }
 
 /// The first 64 bytes in hex: enough to recognise a body, and to reproduce most of them.
@@ -1006,13 +985,13 @@ async fn malformed_grpc_framing_gets_a_status_and_writes_nothing() {
             request: build(enqueue()),
             steps: vec![data(frame(0, u32::MAX, &enqueue_body))],
             // Refused from the prefix alone, without waiting for 4 GiB: over the message limit.
-            expected: Ending::Status(Code::OutOfRange),
+            expected: Ending::Status(Code::ResourceExhausted),
         },
         FramingCase {
             name: "length prefix just over the broker's message limit, then END_STREAM".into(),
             request: build(enqueue()),
             steps: vec![data(frame(0, limit + 1, &enqueue_body)), Step::End],
-            expected: Ending::Status(Code::OutOfRange),
+            expected: Ending::Status(Code::ResourceExhausted),
         },
         FramingCase {
             name: "compressed flag without grpc-encoding".into(),
@@ -1501,42 +1480,4 @@ async fn count_open(connections: &mut [TcpStream]) -> usize {
         open += usize::from(!closed);
     }
     open
-}
-
-// ---------------------------------------------------------------------------------------------
-// Bugs found
-// ---------------------------------------------------------------------------------------------
-
-/// BUG found by the fuzzer: ListItems of a state that holds no items (an unused queue, an empty
-/// state, a page token past the end) answers INTERNAL instead of an empty page, although the
-/// service documents that an unused queue is empty, not an error. `Store::item_fields`
-/// (server/src/admin_store.rs) sends its Redis pipeline even when there are no ids, and redis-rs
-/// refuses an empty pipeline with a client error ("empty command"), which `Error::from` maps to
-/// `Error::Internal`. The fix: return no fields at once when `ids` is empty. Then remove the
-/// `#[ignore]` and `is_known_empty_page_bug`.
-#[tokio::test]
-#[ignore = "broker bug: ListItems of an empty state answers INTERNAL; see the comment"]
-async fn list_items_of_an_empty_state_answers_an_empty_page() {
-    let redis = redis().await;
-    let broker = Broker::start(&redis.url()).await;
-    let mut admin = broker.admin().await;
-    for state in [
-        pb::ItemState::Ready,
-        pb::ItemState::Delayed,
-        pb::ItemState::Leased,
-        pb::ItemState::Dead,
-    ] {
-        let page = admin
-            .list_items(pb::ListItemsRequest {
-                queue: "unused".into(),
-                state: state as i32,
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|status| panic!("listing {state:?} of an unused queue: {status:?}"))
-            .into_inner();
-        assert!(page.items.is_empty(), "{state:?}: {:?}", page.items);
-        assert!(page.next_page_token.is_empty(), "{state:?}: a next page");
-    }
-    broker.stop().await;
 }
