@@ -85,6 +85,9 @@ impl Admin {
         request: Request<pb::ListQueuesRequest>,
     ) -> Result<Response<pb::ListQueuesResponse>, Status> {
         let caller = auth::caller(&request).cloned();
+        if let Some(caller) = &caller {
+            tracing::Span::current().record("caller", caller.name());
+        }
         let request = request.into_inner();
         let size = page_size(request.page_size)?;
         let offset = decode_page_token(&request.page_token)?;
@@ -234,7 +237,7 @@ impl Admin {
 
 #[tonic::async_trait]
 impl QueueAdminService for Admin {
-    #[instrument(skip_all, fields(outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn list_queues(
         &self,
         request: Request<pb::ListQueuesRequest>,
@@ -242,7 +245,7 @@ impl QueueAdminService for Admin {
         traced(self.list_queues_call(request).await)
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn list_items(
         &self,
         request: Request<pb::ListItemsRequest>,
@@ -250,7 +253,7 @@ impl QueueAdminService for Admin {
         traced(self.list_items_call(request).await)
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn requeue_dead(
         &self,
         request: Request<pb::RequeueDeadRequest>,
@@ -258,7 +261,7 @@ impl QueueAdminService for Admin {
         traced(self.requeue_dead_call(request).await)
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn purge_queue(
         &self,
         request: Request<pb::PurgeQueueRequest>,
@@ -266,7 +269,7 @@ impl QueueAdminService for Admin {
         traced(self.purge_queue_call(request).await)
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn pause_queue(
         &self,
         request: Request<pb::PauseQueueRequest>,
@@ -275,7 +278,7 @@ impl QueueAdminService for Admin {
         traced(result.map(|()| Response::new(pb::PauseQueueResponse {})))
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn resume_queue(
         &self,
         request: Request<pb::ResumeQueueRequest>,
@@ -284,7 +287,7 @@ impl QueueAdminService for Admin {
         traced(result.map(|()| Response::new(pb::ResumeQueueResponse {})))
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn seal_queue(
         &self,
         request: Request<pb::SealQueueRequest>,
@@ -293,7 +296,7 @@ impl QueueAdminService for Admin {
         traced(result.map(|()| Response::new(pb::SealQueueResponse {})))
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn delete_queue(
         &self,
         request: Request<pb::DeleteQueueRequest>,

@@ -162,6 +162,10 @@ queue_scoped!(
 pub fn admit<T: QueueScoped>(request: Request<T>) -> Result<T, Status> {
     let queue = request.get_ref().queue();
     validate::queue_name(queue)?;
+    if let Some(caller) = caller(&request) {
+        // Every log line of the call then says who made it.
+        tracing::Span::current().record("caller", caller.name());
+    }
     match caller(&request) {
         Some(caller) if !caller.may_use_queue(queue) => Err(Status::permission_denied(format!(
             "caller {:?} may not use queue {queue:?}",

@@ -389,7 +389,7 @@ impl Broker {
 
 #[tonic::async_trait]
 impl WorkQueueService for Broker {
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, items = request.get_ref().items.len(), outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, items = request.get_ref().items.len(), caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn enqueue(
         &self,
         request: Request<pb::EnqueueRequest>,
@@ -397,7 +397,7 @@ impl WorkQueueService for Broker {
         traced(self.enqueue_call(request).await)
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, worker = %request.get_ref().worker_id, outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, worker = %request.get_ref().worker_id, caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn lease(
         &self,
         request: Request<pb::LeaseRequest>,
@@ -405,7 +405,7 @@ impl WorkQueueService for Broker {
         traced(self.lease_call(request).await)
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, leases = request.get_ref().lease_ids.len(), outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, leases = request.get_ref().lease_ids.len(), caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn extend_lease(
         &self,
         request: Request<pb::ExtendLeaseRequest>,
@@ -413,7 +413,7 @@ impl WorkQueueService for Broker {
         traced(self.extend_lease_call(request).await)
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, completions = request.get_ref().completions.len(), outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, completions = request.get_ref().completions.len(), caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn complete(
         &self,
         request: Request<pb::CompleteRequest>,
@@ -421,7 +421,7 @@ impl WorkQueueService for Broker {
         traced(self.complete_call(request).await)
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn fail(
         &self,
         request: Request<pb::FailRequest>,
@@ -429,7 +429,7 @@ impl WorkQueueService for Broker {
         traced(self.fail_call(request).await)
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, leases = request.get_ref().lease_ids.len(), outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, leases = request.get_ref().lease_ids.len(), caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn release(
         &self,
         request: Request<pb::ReleaseRequest>,
@@ -437,7 +437,7 @@ impl WorkQueueService for Broker {
         traced(self.release_call(request).await)
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn queue_state(
         &self,
         request: Request<pb::QueueStateRequest>,
@@ -445,7 +445,7 @@ impl WorkQueueService for Broker {
         traced(self.queue_state_call(request).await)
     }
 
-    #[instrument(skip_all, fields(queue = %request.get_ref().queue, outcome = tracing::field::Empty))]
+    #[instrument(skip_all, fields(queue = %request.get_ref().queue, caller = tracing::field::Empty, outcome = tracing::field::Empty))]
     async fn get_item(
         &self,
         request: Request<pb::GetItemRequest>,
