@@ -1,0 +1,86 @@
+//! One case: the model of its two queues and the connections that drive the broker, the loop
+//! that applies each step and checks the invariants after it, and the helpers every step shares.
+
+use proptest::test_runner::{TestCaseError, TestCaseResult};
+use redis::aio::MultiplexedConnection;
+use wq_tests::{AdminClient, Client};
+
+use super::{ops::Op, queue_model::QueueModel, world::Tally};
+
+/// One case: the model of its two queues and the connections that drive the broker.
+pub(super) struct CaseRun {
+    pub(super) client: Client,
+    pub(super) admin: AdminClient,
+    pub(super) conn: MultiplexedConnection,
+    pub(super) key_prefix: String,
+    pub(super) keep_completed: bool,
+    pub(super) queues: [QueueModel; 2],
+    pub(super) tally: Tally,
+}
+
+pub(super) fn failure(message: impl Into<String>) -> TestCaseError {
+    TestCaseError::fail(message.into())
+}
+
+pub(super) fn rpc_failed(call: &'static str) -> impl FnOnce(tonic::Status) -> TestCaseError {
+    move |status| failure(format!("{call} failed: {status:?}"))
+}
+
+pub(super) fn with_context(context: String) -> impl FnOnce(TestCaseError) -> TestCaseError {
+    move |error| match error {
+        TestCaseError::Fail(reason) => failure(format!("{context}: {}", reason.message())),
+        reject @ TestCaseError::Reject(_) => reject,
+    }
+}
+
+pub(super) fn ms_of(time: Option<&prost_types::Timestamp>) -> Option<i64> {
+    time.map(|t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000)
+}
+
+pub(super) fn pool_id(index: usize) -> String {
+    format!("item-{index}")
+}
+
+impl CaseRun {
+    pub(super) async fn run(&mut self, ops: &[Op]) -> TestCaseResult {
+        self.check()
+            .await
+            .map_err(with_context("before the first step".into()))?;
+        for (step, op) in ops.iter().enumerate() {
+            self.tally.steps += 1;
+            let skipped_before = self.tally.skipped;
+            self.apply(step, op)
+                .await
+                .map_err(with_context(format!("step {step} {op:?}")))?;
+            if self.tally.skipped > skipped_before {
+                // The step found nothing to act on and sent nothing: there is nothing new to check.
+                continue;
+            }
+            self.check()
+                .await
+                .map_err(with_context(format!("after step {step} {op:?}")))?;
+        }
+        Ok(())
+    }
+
+    async fn apply(&mut self, step: usize, op: &Op) -> TestCaseResult {
+        match op {
+            Op::Enqueue { queue, items } => self.enqueue(step, *queue, items).await,
+            Op::Lease { queue, max_items } => self.lease(*queue, *max_items).await,
+            Op::ExtendLease { queue, leases } => self.extend(*queue, leases).await,
+            Op::Complete { queue, leases } => self.complete(*queue, leases).await,
+            Op::Fail {
+                queue,
+                lease,
+                retry,
+                dead_letter,
+            } => self.fail(step, *queue, *lease, *retry, *dead_letter).await,
+            Op::Release { queue, leases } => self.release(*queue, leases).await,
+            Op::ExpireLease { queue, pick, then } => self.expire_lease(*queue, *pick, *then).await,
+            Op::MakeDue { queue, pick, then } => self.make_due(*queue, *pick, *then).await,
+            Op::WrongQueue { owner, lease, call } => self.wrong_queue(*owner, *lease, *call).await,
+            Op::SetPaused { queue, paused } => self.set_paused(*queue, *paused).await,
+            Op::RequeueDead { queue, ids } => self.requeue_dead(*queue, ids.as_deref()).await,
+        }
+    }
+}
