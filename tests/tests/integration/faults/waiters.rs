@@ -122,15 +122,16 @@ async fn thousands_of_idle_waiters_cost_little_and_leave_nothing_behind_when_the
     let started = Instant::now();
     let dir = scratch_dir();
     let redis = redis().await;
-    // The product's default Redis timeout (2 s), not the tests' 500 ms: the crowd woken at once
-    // below sends a thousand Lease scripts through the broker's one Redis connection, and the
-    // timeout also counts their wait in the broker's queue. A debug build of the broker on a
-    // loaded two-core machine can take longer than 500 ms for that and answer UNAVAILABLE
-    // although Redis is idle (a release build took 10 000 Leases at once within 500 ms).
+    // A long Redis timeout, not the tests' 500 ms: the crowd woken at once below sends a
+    // thousand Lease scripts through the broker's one Redis connection, and the timeout also
+    // counts their wait in the broker's queue. A debug build of the broker on a two-core machine
+    // busy with other tests took longer than 2 s for that and answered UNAVAILABLE although
+    // Redis was idle (a release build took 10 000 Leases at once within 500 ms). This test is
+    // about memory and leftovers, not about that queue (docs/RELIABILITY.md, "Known limits").
     let server = ServerProcess::start(
         &redis.url(),
         dir.path(),
-        &["--redis-timeout", "2s", "--max-wait", "60s"],
+        &["--redis-timeout", "10s", "--max-wait", "60s"],
     )
     .await;
     let mut client = connect(&server.url()).await;

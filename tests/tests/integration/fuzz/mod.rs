@@ -27,9 +27,8 @@
 //!    mid-message) hold up no other client, write nothing, and do not keep the broker from
 //!    stopping beyond its grace period.
 //!
-//! Found so far: ListItems of a state with no items answers INTERNAL
-//! (`list_items_of_an_empty_state_answers_an_empty_page`, ignored until the broker is fixed; the
-//! storm tolerates exactly that answer meanwhile).
+//! Found so far, and fixed: ListItems of a state with no items answered INTERNAL (the regression
+//! test is `admin::list_items_of_an_empty_state_answers_an_empty_page`).
 //!
 //! Each fuzz test prints one `fuzz` line with its figures. The random choices come from a seeded
 //! generator (the seed is in the line); they apply to requests that carry the run's own lease
