@@ -1,13 +1,27 @@
 //! `wq-bench`: measures what wq does on this machine, against a real broker and a real Redis.
 //!
 //! By default it starts a private `redis-server` and an in-process broker; `--broker` points it
-//! at a running broker instead. Phases (each on a fresh queue):
+//! at a running broker instead (`--redis` then names its Redis, for the phases that read Redis
+//! or start brokers of their own). Phases (each on a fresh queue; `--phases` picks them):
 //!
 //! - `enqueue`: N items of P bytes through `enqueue_all` in batches of B;
 //! - `drain` W: W concurrent slots of one `wq-worker` Worker with a no-op handler, until drained;
-//! - `e2e` W: enqueue and drain at the same time, until the sealed queue is drained.
+//! - `e2e` W: enqueue and drain at the same time, until the sealed queue is drained;
+//! - `latency`: enqueue→lease and Complete latency at an offered rate ([`latency`]);
+//! - `wakeup`: a waiting Lease on one replica woken by an Enqueue through another ([`wakeup`]);
+//! - `idle`: Redis commands per second caused by idle waiting Leases ([`idle`]);
+//! - `baseline`: the lease and complete scripts called directly, without gRPC ([`baseline`]);
+//! - `scale` (only with `--prefill`): enqueue and drain on a queue already holding many items,
+//!   and Redis bytes per queued item ([`scale`]).
 //!
-//! It prints a table and, with `--json FILE`, writes the figures as JSON.
+//! It prints tables and, with `--json FILE`, writes the figures as JSON.
+
+mod baseline;
+mod idle;
+mod latency;
+mod scale;
+mod stats;
+mod wakeup;
 
 use std::{
     sync::Arc,
@@ -15,16 +29,35 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use futures_util::stream;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use wq_client::{Client, pb};
+use wq_server::config::BrokerConfig;
 use wq_worker::{ExitPolicy, Handler, LeasedItem, Outcome, Worker, WorkerConfig};
 
+use crate::stats::{Percentiles, ms};
+
+/// A part of the benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Phase {
+    Enqueue,
+    Drain,
+    E2e,
+    Latency,
+    Wakeup,
+    Idle,
+    Baseline,
+}
+
 #[derive(Debug, Parser)]
-#[command(name = "wq-bench", about = "Throughput benchmark of the wq broker")]
+#[command(
+    name = "wq-bench",
+    about = "Throughput and latency benchmark of the wq broker"
+)]
 struct Args {
-    /// Items per phase.
+    /// Items per throughput phase.
     #[arg(short = 'n', long, default_value_t = 20_000)]
     items: usize,
     /// Payload bytes per item.
@@ -36,12 +69,57 @@ struct Args {
     /// Worker concurrencies to measure, comma separated.
     #[arg(short = 'w', long, value_delimiter = ',', default_value = "1,4,16")]
     workers: Vec<u32>,
+    /// The phases to run, comma separated.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "enqueue,drain,e2e,latency,wakeup,idle,baseline"
+    )]
+    phases: Vec<Phase>,
     /// A running broker to measure instead of a private one.
     #[arg(long)]
     broker: Option<String>,
+    /// The Redis of `--broker`; without it, `wakeup`, `idle` and `baseline` are skipped there.
+    #[arg(long, requires = "broker")]
+    redis: Option<String>,
+    /// latency: offered items per second, one item per Enqueue call.
+    #[arg(long, default_value_t = 2000.0)]
+    rate: f64,
+    /// latency: items to send [default: N/4, at least 20].
+    #[arg(long)]
+    latency_items: Option<usize>,
+    /// latency: workers, each leasing one item per waiting Lease.
+    #[arg(long, default_value_t = 8)]
+    latency_workers: u32,
+    /// wakeup: rounds [default: N/100, between 20 and 200].
+    #[arg(long)]
+    wakeup_rounds: Option<usize>,
+    /// idle: waiting Leases on the empty queue.
+    #[arg(long, default_value_t = 1000)]
+    idle_leases: usize,
+    /// idle: connections the waiting Leases are spread over.
+    #[arg(long, default_value_t = 8)]
+    idle_connections: usize,
+    /// idle: seconds of each measuring window (one without waiters, one with).
+    #[arg(long, default_value_t = 5.0)]
+    idle_seconds: f64,
+    /// baseline: lease script calls per pipeline (the counterpart of W worker slots).
+    #[arg(long, default_value_t = 16)]
+    baseline_depth: usize,
+    /// scale: ready items already in the queue when enqueue and drain (at the largest W) are
+    /// measured; 0 skips the phase.
+    #[arg(long, default_value_t = 0)]
+    prefill: usize,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+}
+
+impl Args {
+    fn runs(&self, phase: Phase) -> bool {
+        self.phases.contains(&phase)
+    }
 }
 
 struct Noop;
@@ -52,137 +130,411 @@ impl Handler for Noop {
     }
 }
 
+/// One throughput figure.
 struct Row {
     phase: &'static str,
+    /// Worker slots (for `baseline`: lease calls per pipeline); 0 when none.
     workers: u32,
     items: usize,
     seconds: f64,
+}
+
+/// One latency figure.
+struct LatencyRow {
+    phase: &'static str,
+    metric: &'static str,
+    /// What the figure was measured at, for the table and JSON.
+    setting: String,
+    percentiles: Percentiles,
+}
+
+/// A broker served from this process, on a Redis URL.
+struct InProcessBroker {
+    url: String,
+    stop: CancellationToken,
+    server: JoinHandle<Result<(), wq_server::ServeError>>,
+}
+
+impl InProcessBroker {
+    async fn start(redis_url: &str) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let server = tokio::spawn(wq_server::serve(
+            listener,
+            redis::Client::open(redis_url).context("Redis URL")?,
+            BrokerConfig::default(),
+            async move { stopped.cancelled().await },
+        ));
+        Ok(Self {
+            url: format!("http://{address}"),
+            stop,
+            server,
+        })
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.server.await.context("broker task")??;
+        Ok(())
+    }
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // Kept alive for the whole run.
-    let mut private = None;
-    let url = match &args.broker {
-        Some(url) => url.clone(),
+    let mut private_redis = None;
+    let mut private_broker = None;
+    let (url, redis_url) = match &args.broker {
+        Some(url) => (url.clone(), args.redis.clone()),
         None => {
             let redis = wq_server::dev::RedisProcess::start().await?;
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let address = listener.local_addr()?;
-            let stop = CancellationToken::new();
-            let stopped = stop.clone();
-            let server = tokio::spawn(wq_server::serve(
-                listener,
-                redis::Client::open(redis.url())?,
-                wq_server::config::BrokerConfig::default(),
-                async move { stopped.cancelled().await },
-            ));
-            private = Some((redis, stop, server));
-            format!("http://{address}")
+            let redis_url = redis.url();
+            let broker = InProcessBroker::start(&redis_url).await?;
+            let url = broker.url.clone();
+            private_redis = Some(redis);
+            private_broker = Some(broker);
+            (url, Some(redis_url))
         }
     };
     let client = connect(&url).await?;
     let run = format!("bench-{}", std::process::id());
+    let mut queues = Vec::new();
     let mut rows = Vec::new();
+    let mut latency_rows = Vec::new();
+    let mut idle_report = None;
+    let mut scale_report: Option<scale::Report> = None;
 
-    let queue = format!("{run}-enqueue");
-    let seconds = fill(&client, &queue, &args).await?;
-    rows.push(Row {
-        phase: "enqueue",
-        workers: 0,
-        items: args.items,
-        seconds,
-    });
-
-    for &workers in &args.workers {
-        let queue = format!("{run}-drain-{workers}");
-        fill(&client, &queue, &args).await?;
-        let started = Instant::now();
-        let summary = worker(&client, &queue, workers, ExitPolicy::Drained)
-            .run(Arc::new(Noop), CancellationToken::new())
-            .await;
-        anyhow::ensure!(
-            summary.completed == args.items as u64,
-            "drain completed {} of {}",
-            summary.completed,
-            args.items
-        );
+    if args.runs(Phase::Enqueue) {
+        let queue = format!("{run}-enqueue");
+        queues.push(queue.clone());
+        let seconds = fill(&client, &queue, args.items, &args).await?;
         rows.push(Row {
-            phase: "drain",
-            workers,
+            phase: "enqueue",
+            workers: 0,
             items: args.items,
-            seconds: started.elapsed().as_secs_f64(),
-        });
-
-        let queue = format!("{run}-e2e-{workers}");
-        let started = Instant::now();
-        let drain = tokio::spawn({
-            let w = worker(&client, &queue, workers, ExitPolicy::Sealed);
-            async move { w.run(Arc::new(Noop), CancellationToken::new()).await }
-        });
-        fill(&client, &queue, &args).await?;
-        client.seal(&queue).await?;
-        let summary = drain.await?;
-        anyhow::ensure!(
-            summary.completed == args.items as u64,
-            "e2e completed {} of {}",
-            summary.completed,
-            args.items
-        );
-        rows.push(Row {
-            phase: "e2e",
-            workers,
-            items: args.items,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds,
         });
     }
 
-    println!(
-        "{:<8} {:>7} {:>9} {:>9} {:>12}",
-        "phase", "workers", "items", "seconds", "items/s"
-    );
-    for row in &rows {
+    for &workers in &args.workers {
+        if args.runs(Phase::Drain) {
+            let queue = format!("{run}-drain-{workers}");
+            queues.push(queue.clone());
+            fill(&client, &queue, args.items, &args).await?;
+            let started = Instant::now();
+            let summary = worker(&client, &queue, workers, ExitPolicy::Drained)
+                .run(Arc::new(Noop), CancellationToken::new())
+                .await;
+            anyhow::ensure!(
+                summary.completed == args.items as u64,
+                "drain completed {} of {}",
+                summary.completed,
+                args.items
+            );
+            rows.push(Row {
+                phase: "drain",
+                workers,
+                items: args.items,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+
+        if args.runs(Phase::E2e) {
+            let queue = format!("{run}-e2e-{workers}");
+            queues.push(queue.clone());
+            let started = Instant::now();
+            let drain = tokio::spawn({
+                let w = worker(&client, &queue, workers, ExitPolicy::Sealed);
+                async move { w.run(Arc::new(Noop), CancellationToken::new()).await }
+            });
+            fill(&client, &queue, args.items, &args).await?;
+            client.seal(&queue).await?;
+            let summary = drain.await?;
+            anyhow::ensure!(
+                summary.completed == args.items as u64,
+                "e2e completed {} of {}",
+                summary.completed,
+                args.items
+            );
+            rows.push(Row {
+                phase: "e2e",
+                workers,
+                items: args.items,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
+    }
+
+    if args.runs(Phase::Baseline) {
+        match &redis_url {
+            Some(redis_url) => {
+                let queue = format!("{run}-baseline");
+                queues.push(queue.clone());
+                fill(&client, &queue, args.items, &args).await?;
+                let seconds = baseline::run(
+                    redis_url,
+                    &BrokerConfig::default(),
+                    &queue,
+                    args.items,
+                    args.baseline_depth,
+                )
+                .await?;
+                rows.push(Row {
+                    phase: "baseline",
+                    workers: u32::try_from(args.baseline_depth).unwrap_or(u32::MAX),
+                    items: args.items,
+                    seconds,
+                });
+            }
+            None => eprintln!("baseline: skipped (give --redis with --broker)"),
+        }
+    }
+
+    if args.runs(Phase::Latency) {
+        let queue = format!("{run}-latency");
+        queues.push(queue.clone());
+        let settings = latency::Settings {
+            items: args.latency_items.unwrap_or((args.items / 4).max(20)),
+            rate: args.rate,
+            workers: args.latency_workers,
+            payload: args.payload,
+        };
+        let workers_client = connect(&url).await?;
+        let report = latency::run(&client, &workers_client, &queue, &settings).await?;
+        let setting = format!(
+            "{:.0}/s offered ({:.0} achieved), W={}",
+            settings.rate, report.achieved_rate, settings.workers
+        );
+        latency_rows.push(LatencyRow {
+            phase: "latency",
+            metric: "enqueue→lease",
+            setting: setting.clone(),
+            percentiles: report.enqueue_to_lease,
+        });
+        latency_rows.push(LatencyRow {
+            phase: "latency",
+            metric: "complete call",
+            setting,
+            percentiles: report.complete_call,
+        });
+    }
+
+    if args.runs(Phase::Wakeup) {
+        match &redis_url {
+            Some(redis_url) => {
+                let queue = format!("{run}-wakeup");
+                queues.push(queue.clone());
+                // Two more replicas, so neither is the one the other phases warmed up.
+                let replica_a = InProcessBroker::start(redis_url).await?;
+                let replica_b = InProcessBroker::start(redis_url).await?;
+                let waiter = connect(&replica_a.url).await?;
+                let producer = connect(&replica_b.url).await?;
+                let rounds = args
+                    .wakeup_rounds
+                    .unwrap_or((args.items / 100).clamp(20, 200));
+                let percentiles = wakeup::run(&waiter, &producer, &queue, rounds).await?;
+                latency_rows.push(LatencyRow {
+                    phase: "wakeup",
+                    metric: "enqueue B→lease A",
+                    setting: "2 replicas, 1 waiter".to_owned(),
+                    percentiles,
+                });
+                drop((waiter, producer));
+                replica_a.stop().await?;
+                replica_b.stop().await?;
+            }
+            None => eprintln!("wakeup: skipped (give --redis with --broker)"),
+        }
+    }
+
+    if args.runs(Phase::Idle) {
+        match &redis_url {
+            Some(redis_url) => {
+                let queue = format!("{run}-idle");
+                queues.push(queue.clone());
+                let settings = idle::Settings {
+                    leases: args.idle_leases,
+                    connections: args.idle_connections,
+                    window: Duration::try_from_secs_f64(args.idle_seconds)
+                        .context("--idle-seconds")?,
+                };
+                idle_report = Some((
+                    settings.clone(),
+                    idle::run(&url, redis_url, &queue, &settings).await?,
+                ));
+            }
+            None => eprintln!("idle: skipped (give --redis with --broker)"),
+        }
+    }
+
+    if args.prefill > 0 {
+        let queue = format!("{run}-scale");
+        queues.push(queue.clone());
+        let workers = args.workers.iter().copied().max().unwrap_or(1);
+        let report = scale::run(
+            &client,
+            redis_url.as_deref(),
+            &queue,
+            args.prefill,
+            &args,
+            workers,
+        )
+        .await?;
+        rows.push(Row {
+            phase: "enqueue+",
+            workers: 0,
+            items: args.items,
+            seconds: report.enqueue_seconds,
+        });
+        rows.push(Row {
+            phase: "drain+",
+            workers,
+            items: usize::try_from(report.drained).unwrap_or(usize::MAX),
+            seconds: report.drain_seconds,
+        });
+        scale_report = Some(report);
+    }
+
+    print_tables(&rows, &latency_rows, idle_report.as_ref());
+    let bytes_per_item = scale_report.as_ref().and_then(|r| r.bytes_per_item);
+    if let Some(bytes) = bytes_per_item {
         println!(
-            "{:<8} {:>7} {:>9} {:>9.3} {:>12.0}",
-            row.phase,
-            if row.workers == 0 {
-                "-".to_owned()
-            } else {
-                row.workers.to_string()
-            },
-            row.items,
-            row.seconds,
-            row.items as f64 / row.seconds
+            "scale: {bytes:.0} Redis bytes per queued item of {} payload bytes ({} items)",
+            args.payload, args.prefill
         );
     }
     if let Some(path) = &args.json {
-        let json: Vec<_> = rows
-            .iter()
-            .map(|r| {
-                serde_json::json!({
-                    "phase": r.phase, "workers": r.workers, "items": r.items,
-                    "payload_bytes": args.payload, "batch": args.batch,
-                    "seconds": r.seconds, "items_per_s": r.items as f64 / r.seconds,
-                })
-            })
-            .collect();
+        let mut json = to_json(&args, &rows, &latency_rows, idle_report.as_ref());
+        if let (Some(bytes), serde_json::Value::Array(records)) = (bytes_per_item, &mut json) {
+            records.push(serde_json::json!({
+                "phase": "scale", "prefill": args.prefill, "payload_bytes": args.payload,
+                "redis_bytes_per_item": bytes,
+            }));
+        }
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    for queue in [format!("{run}-enqueue")].into_iter().chain(
-        args.workers
-            .iter()
-            .flat_map(|w| [format!("{run}-drain-{w}"), format!("{run}-e2e-{w}")]),
-    ) {
-        client.delete_queue(&queue).await?;
+    for queue in &queues {
+        client.delete_queue(queue).await?;
     }
-    if let Some((mut redis, stop, server)) = private {
-        stop.cancel();
-        server.await??;
+    if let Some(broker) = private_broker {
+        broker.stop().await?;
+    }
+    if let Some(mut redis) = private_redis {
         redis.kill().await;
     }
     Ok(())
+}
+
+fn print_tables(
+    rows: &[Row],
+    latency_rows: &[LatencyRow],
+    idle: Option<&(idle::Settings, idle::Report)>,
+) {
+    if !rows.is_empty() {
+        println!(
+            "{:<8} {:>7} {:>9} {:>9} {:>12}",
+            "phase", "workers", "items", "seconds", "items/s"
+        );
+        for row in rows {
+            println!(
+                "{:<8} {:>7} {:>9} {:>9.3} {:>12.0}",
+                row.phase,
+                if row.workers == 0 {
+                    "-".to_owned()
+                } else {
+                    row.workers.to_string()
+                },
+                row.items,
+                row.seconds,
+                row.items as f64 / row.seconds
+            );
+        }
+        if rows.iter().any(|r| r.phase.ends_with('+')) {
+            println!("(enqueue+, drain+: on a queue already holding --prefill items)");
+        }
+        if rows.iter().any(|r| r.phase == "baseline") {
+            println!("(baseline: scripts called directly; workers = lease calls per pipeline)");
+        }
+    }
+    if !latency_rows.is_empty() {
+        println!();
+        println!(
+            "{:<8} {:<18} {:>7} {:>9} {:>9} {:>9}  at",
+            "phase", "metric", "samples", "p50 ms", "p99 ms", "max ms"
+        );
+        for row in latency_rows {
+            let p = &row.percentiles;
+            println!(
+                "{:<8} {:<18} {:>7} {:>9.2} {:>9.2} {:>9.2}  {}",
+                row.phase,
+                row.metric,
+                p.samples,
+                ms(p.p50),
+                ms(p.p99),
+                ms(p.max),
+                row.setting
+            );
+        }
+    }
+    if let Some((settings, report)) = idle {
+        println!();
+        println!(
+            "idle: Redis commands/s over {:?}: {:.1} without waiters, {:.1} with {} waiting \
+             Leases on {} connections (difference {:+.1})",
+            settings.window,
+            report.quiet_per_s,
+            report.waiting_per_s,
+            settings.leases,
+            settings.connections,
+            report.waiting_per_s - report.quiet_per_s
+        );
+        let busiest: Vec<String> = report
+            .waiting_by_command
+            .iter()
+            .take(6)
+            .map(|(name, per_s)| format!("{name} {per_s:.1}"))
+            .collect();
+        println!("idle: with waiters, by command: {}", busiest.join(", "));
+    }
+}
+
+fn to_json(
+    args: &Args,
+    rows: &[Row],
+    latency_rows: &[LatencyRow],
+    idle: Option<&(idle::Settings, idle::Report)>,
+) -> serde_json::Value {
+    let throughput = rows.iter().map(|r| {
+        serde_json::json!({
+            "phase": r.phase, "workers": r.workers, "items": r.items,
+            "payload_bytes": args.payload, "batch": args.batch,
+            "seconds": r.seconds, "items_per_s": r.items as f64 / r.seconds,
+        })
+    });
+    let latency = latency_rows.iter().map(|r| {
+        let p = &r.percentiles;
+        serde_json::json!({
+            "phase": r.phase, "metric": r.metric, "setting": r.setting,
+            "samples": p.samples, "p50_ms": ms(p.p50), "p99_ms": ms(p.p99), "max_ms": ms(p.max),
+        })
+    });
+    let idle = idle.map(|(settings, report)| {
+        serde_json::json!({
+            "phase": "idle", "waiting_leases": settings.leases,
+            "connections": settings.connections, "window_s": settings.window.as_secs_f64(),
+            "redis_commands_per_s_without_waiters": report.quiet_per_s,
+            "redis_commands_per_s_with_waiters": report.waiting_per_s,
+            "with_waiters_by_command": report.waiting_by_command.iter()
+                .map(|(name, per_s)| (name.clone(), serde_json::json!(per_s)))
+                .collect::<serde_json::Map<_, _>>(),
+        })
+    });
+    // One flat list of records, each naming its phase, as the throughput-only output was.
+    serde_json::Value::Array(throughput.chain(latency).chain(idle).collect())
 }
 
 async fn connect(url: &str) -> anyhow::Result<Client> {
@@ -197,10 +549,10 @@ async fn connect(url: &str) -> anyhow::Result<Client> {
     anyhow::bail!("the broker at {url} does not answer")
 }
 
-/// Enqueues the phase's items; returns the seconds it took.
-async fn fill(client: &Client, queue: &str, args: &Args) -> anyhow::Result<f64> {
+/// Enqueues `count` items; returns the seconds it took.
+async fn fill(client: &Client, queue: &str, count: usize, args: &Args) -> anyhow::Result<f64> {
     let payload = bytes::Bytes::from(vec![b'x'; args.payload]);
-    let items = (0..args.items).map(move |_| pb::EnqueueItem {
+    let items = (0..count).map(move |_| pb::EnqueueItem {
         payload: payload.clone(),
         ..Default::default()
     });
@@ -209,10 +561,9 @@ async fn fill(client: &Client, queue: &str, args: &Args) -> anyhow::Result<f64> 
         .enqueue_all(queue, stream::iter(items), args.batch, 4, |_| {})
         .await?;
     anyhow::ensure!(
-        summary.added == args.items as u64,
-        "enqueued {} of {}",
+        summary.added == count as u64,
+        "enqueued {} of {count}",
         summary.added,
-        args.items
     );
     Ok(started.elapsed().as_secs_f64())
 }
