@@ -450,3 +450,12 @@ pub async fn reflection_services(
         ))),
     }
 }
+
+/// Sends `sig` (e.g. `-STOP`, `-CONT`, `-KILL`) to process `pid`, failing the test if it cannot.
+pub fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill {sig} {pid} failed");
+}

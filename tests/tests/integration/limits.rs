@@ -167,15 +167,8 @@ async fn calls_past_the_redis_in_flight_bound_end_with_resource_exhausted() {
     config.max_redis_in_flight = 1;
     let broker = Broker::start_with(&redis.url(), config).await;
     let client = broker.client().await;
-    let pid = redis.pid().expect("redis runs").to_string();
-    let signal = |sig: &str| {
-        let status = std::process::Command::new("kill")
-            .args([sig, &pid])
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-    };
-    signal("-STOP");
+    let pid = redis.pid().expect("redis runs");
+    wq_tests::signal(pid, "-STOP");
     let started = Instant::now();
     let calls = (0..4).map(|_| {
         let mut client = client.clone();
@@ -189,7 +182,7 @@ async fn calls_past_the_redis_in_flight_bound_end_with_resource_exhausted() {
     });
     let codes = futures_util::future::join_all(calls).await;
     let took = started.elapsed();
-    signal("-CONT");
+    wq_tests::signal(pid, "-CONT");
     // Each call waits at most the Redis timeout (500 ms) for a slot, then as long for Redis.
     assert!(took < Duration::from_millis(2500), "{took:?}");
     assert!(

@@ -90,16 +90,8 @@ async fn frozen_redis_bounds_every_call_and_all_recover() {
     let broker = Broker::start(&redis.url()).await;
     let mut client = broker.client().await;
     enqueue(&mut client, "q", vec![item("x")]).await;
-    let pid = redis.pid().expect("redis runs").to_string();
-    let signal = |sig: &str| {
-        let status = std::process::Command::new("kill")
-            .arg(sig)
-            .arg(&pid)
-            .status()
-            .expect("kill runs");
-        assert!(status.success());
-    };
-    signal("-STOP");
+    let pid = redis.pid().expect("redis runs");
+    wq_tests::signal(pid, "-STOP");
     let started = Instant::now();
     let status = client
         .lease(pb::LeaseRequest {
@@ -109,7 +101,7 @@ async fn frozen_redis_bounds_every_call_and_all_recover() {
         .await
         .expect_err("frozen redis");
     let took = started.elapsed();
-    signal("-CONT");
+    wq_tests::signal(pid, "-CONT");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     // The test config's Redis timeout is 500 ms.
     assert!(

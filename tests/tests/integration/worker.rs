@@ -33,12 +33,7 @@ async fn finish(child: Child, within: Duration) -> Output {
 }
 
 fn signal(child: &Child, sig: &str) {
-    let pid = child.id().expect("running").to_string();
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid])
-        .status()
-        .expect("kill runs");
-    assert!(status.success());
+    wq_tests::signal(child.id().expect("running"), sig);
 }
 
 #[tokio::test]

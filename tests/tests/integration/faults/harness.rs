@@ -81,15 +81,6 @@ pub(super) async fn wait_until(limit: Duration, what: &str, mut check: impl Asyn
     }
 }
 
-/// Sends `sig` (`-STOP`, `-CONT`, …) to a process.
-pub(super) fn signal(pid: u32, sig: &str) {
-    let status = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("kill runs");
-    assert!(status.success(), "kill {sig} {pid} failed");
-}
-
 /// The last lines of a log file, for failure messages.
 pub(super) fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();

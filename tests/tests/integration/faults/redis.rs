@@ -13,7 +13,7 @@ use wq_tests::{health::ServingStatus, *};
 
 use super::{
     fleet::{CONCURRENCY, Fleet, assert_each_ran, enqueue_work, work_time},
-    harness::{Rng, health_of, scratch_dir, signal, wait_until, within},
+    harness::{Rng, health_of, scratch_dir, wait_until, within},
 };
 
 // ---------------------------------------------------------------------------------------------
