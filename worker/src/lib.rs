@@ -1,8 +1,9 @@
 //! wq-worker: leases items from a wq broker and runs a handler on each.
 //!
-//! A [`Worker`] keeps up to `concurrency` items in work. It leases as many items as it has free
-//! slots in one call, extends each lease in the background while its handler runs (a heartbeat
-//! at a third of the lease duration), reports the handler's [`Outcome`], and exits according to
+//! A [`Worker`] keeps up to `concurrency` handlers running, and up to `prefetch` more items
+//! leased ahead for them. It leases as many items as it has room for in one call, extends the
+//! leases of all held items in the background (one heartbeat call at a third of the lease
+//! duration), reports the handler's [`Outcome`] (completions batched), and exits according to
 //! its [`ExitPolicy`]: when the queue is drained (the Kubernetes example's `while not q.empty()`),
 //! when it is sealed and drained, or never. On shutdown it stops leasing, gives running handlers
 //! a grace period, then releases what is unfinished so other workers get it at once. Broker
@@ -12,10 +13,14 @@
 //! # Layout
 //!
 //! - this file: the public types;
-//! - [`worker`]: the lease loop and per-item task;
+//! - [`worker`]: the lease loop and shutdown;
+//! - `job`: one item's task, and the completion batcher;
+//! - `in_work`: the held items and their shared heartbeat;
 //! - [`command`]: the handler that runs an external command per item (the `wq-worker` binary's).
 
 pub mod command;
+mod in_work;
+mod job;
 pub mod worker;
 
 use std::{future::Future, time::Duration};
@@ -63,8 +68,12 @@ pub enum ExitPolicy {
 pub struct WorkerConfig {
     /// The queue to work on.
     pub queue: String,
-    /// Items in work at once.
+    /// Handlers running at once.
     pub concurrency: u32,
+    /// Items leased ahead of free handler slots (0 = none). Prefetch keeps handlers busy while
+    /// the next Lease call is in flight, at the cost of holding items another worker could be
+    /// running: worth it for many short items, not for long ones.
+    pub prefetch: u32,
     /// Lease duration asked for; heartbeats extend it while a handler runs.
     pub lease_duration: Duration,
     /// How long one Lease call waits for work.
@@ -78,12 +87,13 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// A configuration with defaults for `queue`: concurrency 1, 30 s leases, 5 s waits, exit when
-    /// drained, 20 s grace.
+    /// A configuration with defaults for `queue`: concurrency 1, no prefetch, 30 s leases, 5 s
+    /// waits, exit when drained, 20 s grace.
     pub fn new(queue: impl Into<String>) -> Self {
         Self {
             queue: queue.into(),
             concurrency: 1,
+            prefetch: 0,
             lease_duration: Duration::from_secs(30),
             max_wait: Duration::from_secs(5),
             exit: ExitPolicy::Drained,

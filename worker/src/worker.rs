@@ -1,27 +1,29 @@
-//! The lease loop and the per-item task with its lease heartbeat.
+//! The lease loop: lease as many items as there is room for, start a task per item, stop by the
+//! exit policy, and release what is unfinished at shutdown.
+//!
+//! Room is counted in leased items, up to `concurrency + prefetch`. An item takes its room when
+//! leased and gives it back when its handler is done (its report goes on in the background), so
+//! Lease and Complete calls overlap, and a Lease call carries every item that finished while
+//! the previous one was in flight. With prefetch, the next Lease goes out once `prefetch`
+//! items' room is free, while `concurrency` handlers still have work.
 
-use std::{
-    collections::HashSet,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
 use tokio::{
-    sync::{Semaphore, mpsc, oneshot},
+    sync::{Semaphore, mpsc},
     task::JoinSet,
 };
 use tokio_util::sync::CancellationToken;
 use wq_client::{Client, duration, pb};
 
-use crate::{ExitPolicy, Handler, Outcome, WorkerConfig};
+use crate::{
+    ExitPolicy, Handler, WorkerConfig,
+    in_work::{self, InWork},
+    job::{self, Job, MAX_BACKOFF, MAX_COMPLETE_BATCH, PendingCompletion, TaskEnd},
+};
 
-/// Longest pause between retries after the broker failed.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Attempts at reporting one outcome before leaving the item to lease expiry.
-const REPORT_ATTEMPTS: u32 = 5;
+/// Most items one Lease call asks for (the broker's default limit is 1000).
+const MAX_LEASE_BATCH: u32 = 256;
 
 /// What a run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,12 +53,6 @@ fn refused_for_good(error: &wq_client::Error) -> bool {
                 | Code::Unimplemented
         )
     )
-}
-
-enum TaskEnd {
-    Completed,
-    Failed,
-    Lost,
 }
 
 /// A worker on one queue.
@@ -101,12 +97,23 @@ impl Worker {
         }
 
         let (completions, pending) = mpsc::channel(MAX_COMPLETE_BATCH * 4);
-        let batcher = tokio::spawn(complete_in_batches(
+        let batcher = tokio::spawn(job::complete_in_batches(
             self.client.clone(),
             queue.clone(),
             pending,
         ));
-        let summary = self.work(handler, shutdown, completions).await;
+        let in_work = Arc::<InWork>::default();
+        let stop_heartbeat = CancellationToken::new();
+        let heartbeat = tokio::spawn(in_work::heartbeat(
+            self.client.clone(),
+            queue.clone(),
+            self.config.lease_duration,
+            Arc::clone(&in_work),
+            stop_heartbeat.clone(),
+        ));
+        let summary = self.work(handler, shutdown, completions, &in_work).await;
+        stop_heartbeat.cancel();
+        let _ = heartbeat.await;
         // The batcher ends once every sender (the loop's and each task's) is gone.
         let _ = batcher.await;
         summary
@@ -117,10 +124,15 @@ impl Worker {
         handler: Arc<H>,
         shutdown: CancellationToken,
         completions: mpsc::Sender<PendingCompletion>,
+        in_work: &Arc<InWork>,
     ) -> RunSummary {
         let queue = &self.config.queue;
-        let slots = Arc::new(Semaphore::new(self.config.concurrency as usize));
-        let in_work: Arc<Mutex<HashSet<String>>> = Arc::default();
+        let concurrency = self.config.concurrency;
+        let room = Arc::new(Semaphore::new(
+            concurrency.saturating_add(self.config.prefetch) as usize,
+        ));
+        let running = Arc::new(Semaphore::new(concurrency as usize));
+        let lease_when_free = self.config.prefetch.clamp(1, MAX_LEASE_BATCH);
         let mut tasks = JoinSet::new();
         let mut summary = RunSummary::default();
         let mut backoff = Duration::from_millis(100);
@@ -129,8 +141,8 @@ impl Worker {
             while let Some(ended) = tasks.try_join_next() {
                 tally(&mut summary, ended);
             }
-            let first = tokio::select! {
-                permit = Arc::clone(&slots).acquire_owned() => match permit {
+            let mut held = tokio::select! {
+                permit = Arc::clone(&room).acquire_many_owned(lease_when_free) => match permit {
                     Ok(permit) => permit,
                     Err(_) => break, // the semaphore is never closed
                 },
@@ -140,13 +152,15 @@ impl Worker {
                     continue;
                 }
             };
-            let mut held = vec![first];
-            while let Ok(permit) = Arc::clone(&slots).try_acquire_owned() {
-                held.push(permit);
+            while held.num_permits() < MAX_LEASE_BATCH as usize {
+                match Arc::clone(&room).try_acquire_owned() {
+                    Ok(more) => held.merge(more),
+                    Err(_) => break,
+                }
             }
             let request = pb::LeaseRequest {
                 queue: queue.clone(),
-                max_items: held.len() as u32,
+                max_items: held.num_permits() as u32,
                 lease_duration: Some(duration(self.config.lease_duration)),
                 max_wait: Some(duration(self.config.max_wait)),
                 worker_id: self.config.worker_id.clone(),
@@ -183,20 +197,20 @@ impl Worker {
             };
             let got_items = !reply.items.is_empty();
             for item in reply.items {
-                let Some(permit) = held.pop() else { break };
+                let Some(leased) = held.split(1) else { break };
+                let item_held = in_work.hold(&item.lease_id);
                 let job = Job {
                     client: self.client.clone(),
                     queue: queue.clone(),
-                    lease_duration: self.config.lease_duration,
-                    in_work: Arc::clone(&in_work),
+                    in_work: Arc::clone(in_work),
                     completions: completions.clone(),
+                    running: Arc::clone(&running),
+                    shutdown: shutdown.clone(),
                 };
                 let handler = Arc::clone(&handler);
-                tasks.spawn(async move {
-                    let ended = job.process(handler.as_ref(), item).await;
-                    drop(permit);
-                    ended
-                });
+                tasks.spawn(
+                    async move { job.process(handler.as_ref(), item, item_held, leased).await },
+                );
             }
             drop(held);
             if got_items || !reply.drained {
@@ -229,7 +243,7 @@ impl Worker {
             }
         }
 
-        self.shut_down(&mut tasks, &in_work, &mut summary).await;
+        self.shut_down(&mut tasks, in_work, &mut summary).await;
         summary
     }
 
@@ -237,7 +251,7 @@ impl Worker {
     async fn shut_down(
         &self,
         tasks: &mut JoinSet<TaskEnd>,
-        in_work: &Mutex<HashSet<String>>,
+        in_work: &InWork,
         summary: &mut RunSummary,
     ) {
         tracing::info!(
@@ -257,10 +271,7 @@ impl Worker {
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
         }
-        let unfinished: Vec<String> = in_work
-            .lock()
-            .map(|set| set.iter().cloned().collect())
-            .unwrap_or_default();
+        let unfinished = in_work.unfinished();
         if unfinished.is_empty() {
             return;
         }
@@ -291,224 +302,10 @@ fn tally(summary: &mut RunSummary, ended: Result<TaskEnd, tokio::task::JoinError
         Ok(TaskEnd::Completed) => summary.completed += 1,
         Ok(TaskEnd::Failed) => summary.failed += 1,
         Ok(TaskEnd::Lost) => summary.lost += 1,
+        Ok(TaskEnd::Unstarted) => {}
         Err(error) if error.is_panic() => {
             tracing::error!("a handler panicked; its item will be released or reclaimed");
         }
         Err(_) => {}
-    }
-}
-
-/// Everything one item's task needs.
-struct Job {
-    client: Client,
-    queue: String,
-    lease_duration: Duration,
-    in_work: Arc<Mutex<HashSet<String>>>,
-    completions: mpsc::Sender<PendingCompletion>,
-}
-
-/// A completion waiting for the batcher, with the way back to its task.
-struct PendingCompletion {
-    completion: pb::Completion,
-    reply: oneshot::Sender<Result<pb::LeaseOutcome, tonic::Status>>,
-}
-
-/// Most completions one Complete call carries.
-const MAX_COMPLETE_BATCH: usize = 256;
-
-/// Sends completions in batches: whatever has queued up while the previous call was in flight
-/// goes in the next call, so a busy worker makes one Complete call for many items and an idle
-/// one adds no delay.
-async fn complete_in_batches(
-    client: Client,
-    queue: String,
-    mut pending: mpsc::Receiver<PendingCompletion>,
-) {
-    while let Some(first) = pending.recv().await {
-        let mut batch = vec![first];
-        while batch.len() < MAX_COMPLETE_BATCH {
-            match pending.try_recv() {
-                Ok(next) => batch.push(next),
-                Err(_) => break,
-            }
-        }
-        let (completions, replies): (Vec<_>, Vec<_>) =
-            batch.into_iter().map(|p| (p.completion, p.reply)).unzip();
-        match client.complete(&queue, completions).await {
-            Ok(results) => {
-                for (reply, result) in replies.into_iter().zip(results) {
-                    let _ = reply.send(Ok(result.outcome()));
-                }
-            }
-            Err(error) => {
-                let status = match error {
-                    wq_client::Error::Status(status) => status,
-                    other => tonic::Status::unavailable(other.to_string()),
-                };
-                for reply in replies {
-                    let _ = reply.send(Err(status.clone()));
-                }
-            }
-        }
-    }
-}
-
-impl Job {
-    async fn process<H: Handler>(&self, handler: &H, item: pb::LeasedItem) -> TaskEnd {
-        let lease_id = item.lease_id.clone();
-        if let Ok(mut set) = self.in_work.lock() {
-            set.insert(lease_id.clone());
-        }
-        tracing::info!(id = %item.id, attempt = item.attempt, "working on item");
-        let lost = Arc::new(AtomicBool::new(false));
-        let stop_heartbeat = CancellationToken::new();
-        let heartbeat = tokio::spawn(heartbeat(
-            self.client.clone(),
-            self.queue.clone(),
-            lease_id.clone(),
-            self.lease_duration,
-            Arc::clone(&lost),
-            stop_heartbeat.clone(),
-        ));
-        let outcome = handler.handle(&item).await;
-        stop_heartbeat.cancel();
-        let _ = heartbeat.await;
-        let ended = if lost.load(Ordering::SeqCst) {
-            tracing::warn!(id = %item.id, "lease lost while working; the outcome is not reported");
-            TaskEnd::Lost
-        } else {
-            self.report(&item, outcome).await
-        };
-        if let Ok(mut set) = self.in_work.lock() {
-            set.remove(&lease_id);
-        }
-        ended
-    }
-
-    async fn report(&self, item: &pb::LeasedItem, outcome: Outcome) -> TaskEnd {
-        let mut delay = Duration::from_millis(100);
-        for attempt in 1..=REPORT_ATTEMPTS {
-            let (result, ended) = match &outcome {
-                Outcome::Complete(result) => (
-                    self.complete(item, result.clone()).await,
-                    TaskEnd::Completed,
-                ),
-                Outcome::Retry { error, delay } => {
-                    (self.fail(item, error, *delay, false).await, TaskEnd::Failed)
-                }
-                Outcome::DeadLetter(error) => {
-                    (self.fail(item, error, None, true).await, TaskEnd::Failed)
-                }
-            };
-            match result {
-                Ok(Some(pb::LeaseOutcome::Ok)) => {
-                    if matches!(outcome, Outcome::Complete(_)) {
-                        tracing::debug!(id = %item.id, "completed");
-                    } else {
-                        tracing::info!(id = %item.id, outcome = outcome_name(&outcome), "reported");
-                    }
-                    return ended;
-                }
-                Ok(_) => {
-                    tracing::warn!(id = %item.id, "lease lost before the outcome was reported");
-                    return TaskEnd::Lost;
-                }
-                Err(error) if attempt < REPORT_ATTEMPTS => {
-                    tracing::warn!(id = %item.id, %error, "reporting failed; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(MAX_BACKOFF);
-                }
-                Err(error) => {
-                    tracing::warn!(
-                        id = %item.id,
-                        %error,
-                        "reporting failed; the lease will expire and the item come back"
-                    );
-                }
-            }
-        }
-        TaskEnd::Lost
-    }
-
-    async fn complete(
-        &self,
-        item: &pb::LeasedItem,
-        result: bytes::Bytes,
-    ) -> wq_client::Result<Option<pb::LeaseOutcome>> {
-        let (reply, outcome) = oneshot::channel();
-        let pending = PendingCompletion {
-            completion: pb::Completion {
-                lease_id: item.lease_id.clone(),
-                result,
-            },
-            reply,
-        };
-        if self.completions.send(pending).await.is_err() {
-            return Err(tonic::Status::cancelled("the worker is stopping").into());
-        }
-        match outcome.await {
-            Ok(Ok(outcome)) => Ok(Some(outcome)),
-            Ok(Err(status)) => Err(status.into()),
-            Err(_) => Err(tonic::Status::cancelled("the worker is stopping").into()),
-        }
-    }
-
-    async fn fail(
-        &self,
-        item: &pb::LeasedItem,
-        error: &str,
-        delay: Option<Duration>,
-        dead_letter: bool,
-    ) -> wq_client::Result<Option<pb::LeaseOutcome>> {
-        let reply = self
-            .client
-            .fail(pb::FailRequest {
-                queue: self.queue.clone(),
-                lease_id: item.lease_id.clone(),
-                error: error.to_owned(),
-                retry_delay: delay.map(duration),
-                dead_letter,
-            })
-            .await?;
-        Ok(reply.result.map(|r| r.outcome()))
-    }
-}
-
-fn outcome_name(outcome: &Outcome) -> &'static str {
-    match outcome {
-        Outcome::Complete(_) => "completed",
-        Outcome::Retry { .. } => "failed, will retry",
-        Outcome::DeadLetter(_) => "dead-lettered",
-    }
-}
-
-/// Extends the lease at a third of its duration until stopped; flags a lost lease.
-async fn heartbeat(
-    client: Client,
-    queue: String,
-    lease_id: String,
-    lease: Duration,
-    lost: Arc<AtomicBool>,
-    stop: CancellationToken,
-) {
-    let every = lease / 3;
-    loop {
-        tokio::select! {
-            () = stop.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
-        }
-        match client
-            .extend_lease(&queue, vec![lease_id.clone()], lease)
-            .await
-        {
-            Ok(results)
-                if results.first().map(pb::LeaseResult::outcome) == Some(pb::LeaseOutcome::Ok) => {}
-            Ok(_) => {
-                lost.store(true, Ordering::SeqCst);
-                tracing::warn!("lease lost (expired and taken over, or the item is gone)");
-                return;
-            }
-            Err(error) => tracing::warn!(%error, "heartbeat failed; retrying"),
-        }
     }
 }

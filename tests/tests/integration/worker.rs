@@ -395,3 +395,86 @@ async fn a_lease_lost_while_working_is_logged_and_not_reported_as_success() {
     let s = state(&mut client, "q").await;
     assert_eq!((s.completed_total, s.drained), (0, true));
 }
+
+/// `--prefetch` leases items ahead of the free slots; their leases are kept alive by the
+/// heartbeat while they wait, and at SIGTERM the ones never started are released with the rest.
+#[tokio::test]
+async fn prefetched_items_are_kept_alive_while_waiting_and_released_at_sigterm() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    enqueue(
+        &mut client,
+        "q",
+        ["a", "b", "c", "d"]
+            .iter()
+            .map(|id| item_with_id(id, "x"))
+            .collect(),
+    )
+    .await;
+    let child = worker(
+        &broker,
+        "q",
+        &[
+            "--concurrency",
+            "1",
+            "--prefetch",
+            "2",
+            "--lease-duration",
+            "600ms",
+            "--shutdown-grace",
+            "300ms",
+            "--",
+            "sleep",
+            "30",
+        ],
+    );
+    eventually("one item running and two prefetched", async || {
+        state(&mut client, "q").await.leased == 3
+    })
+    .await;
+    // Several lease durations: without heartbeats the waiting items would expire.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = state(&mut client, "q").await;
+    assert_eq!(
+        (s.ready, s.leased),
+        (1, 3),
+        "nothing expired or was leased twice"
+    );
+    signal(&child, "-TERM");
+    let output = finish(child, Duration::from_secs(10)).await;
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{err}");
+    assert!(err.contains("released=3"), "{err}");
+    let s = state(&mut client, "q").await;
+    assert_eq!((s.ready, s.leased), (4, 0));
+    let again = lease(&mut client, "q", 4, Duration::from_secs(30)).await;
+    assert!(
+        again.items.iter().all(|i| i.attempt == 1),
+        "neither an expiry nor a release counted as an attempt"
+    );
+}
+
+#[tokio::test]
+async fn a_prefetching_worker_drains_the_queue_and_exits_zero() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    enqueue(
+        &mut client,
+        "q",
+        (0..300).map(|i| item(&i.to_string())).collect(),
+    )
+    .await;
+    let child = worker(
+        &broker,
+        "q",
+        &["--concurrency", "4", "--prefetch", "8", "--", "true"],
+    );
+    let output = finish(child, Duration::from_secs(60)).await;
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{err}");
+    assert!(err.contains("completed=300"), "{err}");
+    let s = state(&mut client, "q").await;
+    assert_eq!((s.completed_total, s.drained), (300, true));
+}

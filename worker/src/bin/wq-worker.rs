@@ -35,6 +35,10 @@ struct Args {
     /// Items in work at once.
     #[arg(long, env = "WQ_CONCURRENCY", default_value_t = 1)]
     concurrency: u32,
+    /// Items leased ahead of free slots, so the next Lease call overlaps work (0 = none). For
+    /// many short items; with long ones it holds items another pod could be running.
+    #[arg(long, env = "WQ_PREFETCH", default_value_t = 0)]
+    prefetch: u32,
     /// Lease duration; extended in the background while an item is in work.
     #[arg(long, env = "WQ_LEASE_DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
@@ -78,6 +82,7 @@ async fn main() -> ExitCode {
     let config = WorkerConfig {
         queue: args.queue.clone(),
         concurrency: args.concurrency,
+        prefetch: args.prefetch,
         lease_duration: args.lease_duration,
         max_wait: args.max_wait,
         exit: match (args.forever, args.until) {
