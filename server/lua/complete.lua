@@ -21,12 +21,15 @@ local channel, queue = ARGV[3], ARGV[4]
 local now = now_ms()
 local result = {}
 local done = 0
+local seen, finished, gone = {}, {}, {}
 for i = 5, #ARGV, 3 do
   local id, token, res = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local item_key = item_prefix .. id
   local f = redis.call('HMGET', item_key, 's', 'k')
-  if f[1] == 'l' and f[2] == token then
-    redis.call('ZREM', k_leased, id)
+  -- The same lease twice in one call completes once (its removal is deferred to the end).
+  if f[1] == 'l' and f[2] == token and not seen[id] then
+    seen[id] = true
+    finished[#finished + 1] = id
     if retention_ms > 0 then
       redis.call('HSET', item_key, 's', 'c', 'ct', now)
       redis.call('HDEL', item_key, 'x', 'k')
@@ -35,7 +38,7 @@ for i = 5, #ARGV, 3 do
       end
       redis.call('PEXPIRE', item_key, retention_ms)
     else
-      redis.call('DEL', item_key)
+      gone[#gone + 1] = item_key
     end
     done = done + 1
     result[#result + 1] = 1
@@ -43,6 +46,8 @@ for i = 5, #ARGV, 3 do
     result[#result + 1] = 0
   end
 end
+call_in_chunks('ZREM', k_leased, finished)
+call_in_chunks('DEL', nil, gone)
 if done > 0 then
   redis.call('HINCRBY', k_meta, 'done', done)
   notify_if_drained(k_ready, k_leased, k_delayed, channel, queue)

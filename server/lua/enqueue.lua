@@ -57,6 +57,8 @@ local now = now_ms()
 local seq = tonumber(redis.call('HGET', k_meta, 'seq') or 0)
 local result = {0, now}
 local added, readied = 0, 0
+-- Score-member pairs, added with one ZADD per set at the end.
+local to_ready, to_delay = {}, {}
 
 for i = 0, n - 1 do
   local base = first + i * 7
@@ -87,17 +89,21 @@ for i = 0, n - 1 do
       fields[#fields + 1] = 'd'
       fields[#fields + 1] = 't'
       fields[#fields + 1] = due
-      redis.call('ZADD', k_delayed, due, id)
+      to_delay[#to_delay + 1] = due
+      to_delay[#to_delay + 1] = id
     else
       fields[#fields + 1] = 's'
       fields[#fields + 1] = 'r'
-      redis.call('ZADD', k_ready, -priority, ready_member(seq, id))
+      to_ready[#to_ready + 1] = -priority
+      to_ready[#to_ready + 1] = ready_member(seq, id)
       readied = readied + 1
     end
     redis.call('HSET', item_key, unpack(fields))
   end
 end
 
+call_in_chunks('ZADD', k_ready, to_ready)
+call_in_chunks('ZADD', k_delayed, to_delay)
 if added > 0 then
   redis.call('HSET', k_meta, 'seq', seq)
   redis.call('HINCRBY', k_meta, 'enq', added)

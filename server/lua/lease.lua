@@ -35,19 +35,23 @@ local items = {}
 local expire = now + lease_ms
 if redis.call('HGET', k_meta, 'paused') ~= '1' then
   local popped = redis.call('ZPOPMIN', k_ready, max_items)
+  local leased = {}
   for i = 1, #popped, 2 do
     local id = id_of_member(popped[i])
     local item_key = item_prefix .. id
-    -- A ready member without its hash cannot be served; dropping it keeps the set consistent.
-    if redis.call('EXISTS', item_key) == 1 then
+    local f = redis.call('HMGET', item_key, 'p', 'a', 'm', 'pr', 'e', 'h')
+    -- Every stored item has max attempts (m); a ready member without its hash cannot be
+    -- served, and dropping it keeps the set consistent.
+    if f[3] then
       local token = token_base .. i
       redis.call('HSET', item_key, 's', 'l', 'x', expire, 'k', token)
-      redis.call('ZADD', k_leased, expire, id)
-      local f = redis.call('HMGET', item_key, 'p', 'a', 'm', 'pr', 'e', 'h')
+      leased[#leased + 1] = expire
+      leased[#leased + 1] = id
       items[#items + 1] = {id, token, f[1], tonumber(f[2]), tonumber(f[3]), tonumber(f[4]),
         tonumber(f[5]), f[6]}
     end
   end
+  call_in_chunks('ZADD', k_leased, leased)
 end
 
 local ready_left = redis.call('ZCARD', k_ready)

@@ -31,6 +31,21 @@ local function id_of_member(member)
   return string.sub(member, 13)
 end
 
+-- Runs `command` once per chunk of `args` instead of once per item: each redis.call costs a few
+-- microseconds of its own. `key` (or nil) comes first in every chunk; the chunk size is even, so
+-- score-member pairs stay together, and well within what Lua's unpack can pass.
+local function call_in_chunks(command, key, args)
+  local chunk = 2000
+  for i = 1, #args, chunk do
+    local last = math.min(i + chunk - 1, #args)
+    if key then
+      redis.call(command, key, unpack(args, i, last))
+    else
+      redis.call(command, unpack(args, i, last))
+    end
+  end
+end
+
 -- Puts a stored item back into the ready set with its original sequence, so released and
 -- retried items keep their place in line.
 local function make_ready(ready_key, item_key, id)

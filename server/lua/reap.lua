@@ -12,8 +12,10 @@
   ARGV[4] dead-letter age bound (ms, 0 = none)
   ARGV[5] notification channel        ARGV[6] queue name
 
-  Returns {reclaimed, promoted, dropped, ready, more}: ready is the ready count afterwards; more
-  is 1 when a limit was reached and another pass has work to do.
+  Returns {reclaimed, promoted, dropped, ready, more, drained, paused}: ready is the ready count
+  afterwards; more is 1 when a limit was reached and another pass has work to do; drained is 1
+  when no item is ready, leased or delayed; paused is 1 when the queue grants nothing. The
+  reaper uses the last three to wake waiting Lease calls whose notification was lost.
 ]]
 
 local k_ready, k_delayed, k_leased, k_dead, k_meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
@@ -49,4 +51,12 @@ local more = 0
 if reclaimed >= limit or promoted >= limit or dropped >= limit then
   more = 1
 end
-return {reclaimed, promoted, dropped, redis.call('ZCARD', k_ready), more}
+local drained = 0
+if is_drained(k_ready, k_leased, k_delayed) then
+  drained = 1
+end
+local paused = 0
+if redis.call('HGET', k_meta, 'paused') == '1' then
+  paused = 1
+end
+return {reclaimed, promoted, dropped, redis.call('ZCARD', k_ready), more, drained, paused}

@@ -138,9 +138,11 @@ pub struct BrokerConfig {
     #[arg(long, env = "WQ_REAP_BATCH", default_value_t = 500)]
     pub reap_batch: usize,
 
-    /// How often a waiting Lease re-checks its queue when no notification came (a safety net:
-    /// notifications normally wake it).
-    #[arg(long, env = "WQ_WAIT_RECHECK", default_value = "15s", value_parser = humantime::parse_duration)]
+    /// How often each waiting Lease re-checks its queue on its own, spread at random over the
+    /// second half of the period (0 = never). Off by default: notifications wake waiters, and
+    /// the reaper wakes them when one was lost, at one script call per queue and round instead
+    /// of one per waiter.
+    #[arg(long, env = "WQ_WAIT_RECHECK", default_value = "0s", value_parser = humantime::parse_duration)]
     pub wait_recheck: Duration,
 
     /// Most items one queue may hold ready, delayed and leased together; an Enqueue that would
@@ -238,9 +240,6 @@ impl BrokerConfig {
         }
         if self.redis_timeout.is_zero() || self.reap_interval.is_zero() {
             return Err("--redis-timeout and --reap-interval must be > 0".into());
-        }
-        if self.wait_recheck.is_zero() {
-            return Err("--wait-recheck must be > 0".into());
         }
         if self.security.auth_reload.is_zero() {
             return Err("--auth-reload must be > 0".into());

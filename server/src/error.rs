@@ -5,8 +5,9 @@ use tonic::{Code, Status};
 /// Result of broker operations.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Everything that can make an RPC fail.
-#[derive(Debug, thiserror::Error)]
+/// Everything that can make an RPC fail. Clone, so that one failed script call can answer every
+/// caller it served (see [`crate::coalesce`]).
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The request is malformed; the message names the field. Nothing was written.
     #[error("{0}")]

@@ -1,8 +1,9 @@
 //! The Lease call's waiting and cancellation logic.
 //!
 //! A Lease with `max_wait` first tries to lease; when nothing is ready it waits for a
-//! notification (see [`crate::notify`]), the due time of the earliest delayed item, a slow
-//! re-check, the caller's deadline, or broker shutdown, whichever comes first, and tries again.
+//! notification (see [`crate::notify`]), the due time of the earliest delayed item, the
+//! caller's deadline, broker shutdown or (when configured) its own re-check, whichever comes
+//! first, and tries again. A lost notification is made up for by the reaper, per queue.
 //! With `return_if_drained` it also returns, empty, as soon as the queue is drained; scripts
 //! announce the moment a queue drains, so such a waiter hears of it at once.
 //! Each script call runs in its own task: if the caller goes away while items are being leased
@@ -51,7 +52,7 @@ pub async fn lease_or_wait(
     shutdown: &CancellationToken,
 ) -> Result<LeaseBatch> {
     let deadline = Instant::now() + call.max_wait;
-    let recheck = store.config().wait_recheck;
+    let recheck = jittered(store.config().wait_recheck);
     let watch = notifier.watch(&call.queue);
     let mut waiting_slot = None;
     loop {
@@ -83,7 +84,10 @@ pub async fn lease_or_wait(
                 ))
             })?);
         }
-        let mut wake_at = deadline.min(now + recheck);
+        let mut wake_at = match recheck {
+            Some(recheck) => deadline.min(now + recheck),
+            None => deadline,
+        };
         if let Some(due_ms) = batch.next_due_ms {
             let until_due = u64::try_from(due_ms.saturating_sub(batch.now_ms)).unwrap_or(0);
             wake_at = wake_at.min(now + Duration::from_millis(until_due));
@@ -97,16 +101,23 @@ pub async fn lease_or_wait(
     }
 }
 
+/// This waiter's re-check period: uniform over the second half of `period`, so waiters that
+/// started together do not re-check together; `None` when re-checks are off.
+fn jittered(period: Duration) -> Option<Duration> {
+    if period.is_zero() {
+        return None;
+    }
+    Some(period.mul_f64(0.5 + rand::random::<f64>() / 2.0))
+}
+
 /// One lease script call that survives the caller's cancellation.
 async fn lease_once(store: &Arc<Store>, call: &LeaseCall) -> Result<LeaseBatch> {
     let (reply, receiver) = oneshot::channel();
     let store = Arc::clone(store);
     let call = call.clone();
-    // A per-call random base makes every grant's token unique across calls and replicas.
-    let token_base = format!("{:016x}.", rand::random::<u64>());
     tokio::spawn(async move {
         let result = store
-            .lease(&call.queue, call.max_items, call.lease, &token_base)
+            .lease_combined(&call.queue, call.max_items, call.lease)
             .await;
         if let Err(Ok(batch)) = reply.send(result)
             && !batch.items.is_empty()
@@ -140,5 +151,25 @@ async fn give_back(store: &Store, queue: &str, batch: &LeaseBatch) {
             %error,
             "caller went away during lease and releasing failed; the leases will expire"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recheck_is_off_at_zero_and_spread_over_the_second_half_otherwise() {
+        assert_eq!(jittered(Duration::ZERO), None);
+        let period = Duration::from_secs(10);
+        let spread: Vec<Duration> = (0..200).filter_map(|_| jittered(period)).collect();
+        assert_eq!(spread.len(), 200);
+        assert!(spread.iter().all(|d| *d >= period / 2 && *d <= period));
+        let distinct: std::collections::HashSet<_> = spread.iter().collect();
+        assert!(
+            distinct.len() > 100,
+            "not one shared instant: {}",
+            distinct.len()
+        );
     }
 }

@@ -20,6 +20,8 @@
 pub mod admin;
 pub mod admin_store;
 pub mod auth;
+mod coalesce;
+pub mod combined;
 pub mod config;
 pub mod dev;
 pub mod error;

@@ -126,4 +126,8 @@ pub struct ReapOutcome {
     pub ready: u64,
     /// A limit was hit: call again.
     pub more: bool,
+    /// Nothing is ready, leased or delayed.
+    pub drained: bool,
+    /// The queue is paused: it grants nothing.
+    pub paused: bool,
 }

@@ -1,6 +1,8 @@
 //! The background reaper that runs in every broker replica: at every interval it visits every
 //! known queue, reclaims expired leases, promotes due delayed items and trims dead letters, in
 //! bounded script calls. Several replicas reaping at once is safe: each step is one atomic script.
+//! It is also the safety net for lost wake-up notifications (see [`crate::notify`]): waiting
+//! Lease calls do not poll Redis themselves.
 
 use std::sync::Arc;
 
@@ -57,10 +59,15 @@ async fn round(store: &Store, notifier: &Notifier) -> crate::error::Result<()> {
                     "reaped"
                 );
             }
-            // The slow safety net for lost notifications: local waiters of a queue with ready
-            // items look again.
-            if outcome.ready > 0 && notifier.has_waiters(&queue) {
-                notifier.wake(&queue, outcome.ready);
+            // The safety net for lost notifications, one script call per queue and round
+            // however many Lease calls wait: local waiters of a queue with leasable items look
+            // again, and those that return on a drained queue hear that it is.
+            if notifier.has_waiters(&queue) {
+                if outcome.ready > 0 && !outcome.paused {
+                    notifier.wake(&queue, outcome.ready);
+                } else if outcome.drained {
+                    notifier.wake(&queue, 0);
+                }
             }
             if !outcome.more {
                 break;

@@ -301,7 +301,10 @@ impl Broker {
             completions.push((lease, completion.result));
             lease_ids.push(completion.lease_id);
         }
-        let live = self.store.complete(&request.queue, &completions).await?;
+        let live = self
+            .store
+            .complete_combined(&request.queue, completions)
+            .await?;
         tracing::debug!(
             completed = live.iter().filter(|ok| **ok).count(),
             "completed"

@@ -18,6 +18,7 @@ use redis::{Value, aio::ConnectionManager};
 use tokio::sync::Semaphore;
 
 use crate::{
+    combined::{CompleteLine, LeaseLine},
     config::BrokerConfig,
     error::{Error, Result},
     keys::{self, QueueKeys},
@@ -45,6 +46,10 @@ pub struct Store {
     registered: Mutex<HashSet<String>>,
     /// Bounds the Redis calls in flight, so a slow Redis cannot pile up unbounded work here.
     in_flight: Semaphore,
+    /// Lease calls waiting to be combined (see [`crate::combined`]).
+    pub(crate) lease_line: Arc<LeaseLine>,
+    /// Complete calls waiting to be combined.
+    pub(crate) complete_line: Arc<CompleteLine>,
 }
 
 impl Store {
@@ -68,6 +73,8 @@ impl Store {
             channel: keys::notify_channel(&config.key_prefix),
             registry: keys::queue_registry(&config.key_prefix),
             in_flight: Semaphore::new(config.max_redis_in_flight),
+            lease_line: Arc::new(LeaseLine::new(config.max_lease_items as usize)),
+            complete_line: Arc::new(CompleteLine::new(config.max_batch)),
             config,
             registered: Mutex::new(HashSet::new()),
         })
@@ -248,7 +255,8 @@ impl Store {
         Ok(flags)
     }
 
-    /// Leases up to `max_items` items for `lease`; `token_base` must be unique per call.
+    /// Leases up to `max_items` items for `lease` in a script call of its own; `token_base` must
+    /// be unique per call. Handlers use [`Store::lease_combined`].
     ///
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
@@ -319,7 +327,8 @@ impl Store {
         ))
     }
 
-    /// Completes live leases with their results; returns which leases were live.
+    /// Completes live leases with their results in a script call of its own; returns which
+    /// leases were live. Handlers use [`Store::complete_combined`].
     ///
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
@@ -484,7 +493,7 @@ impl Store {
             .arg(&self.channel)
             .arg(queue);
         let reply = reply::array("reap", self.invoke(&call).await?)?;
-        let [reclaimed, promoted, dropped, ready, more]: [Value; 5] = reply
+        let [reclaimed, promoted, dropped, ready, more, drained, paused]: [Value; 7] = reply
             .try_into()
             .map_err(|_| Error::Internal("reap reply has the wrong length".into()))?;
         Ok(ReapOutcome {
@@ -493,6 +502,8 @@ impl Store {
             dropped: reply::uint("dropped", &dropped)?,
             ready: reply::uint("ready", &ready)?,
             more: reply::int("more", &more)? == 1,
+            drained: reply::int("drained", &drained)? == 1,
+            paused: reply::int("paused", &paused)? == 1,
         })
     }
 }

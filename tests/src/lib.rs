@@ -319,6 +319,28 @@ pub async fn redis_conn(redis: &RedisProcess) -> redis::aio::MultiplexedConnecti
         .expect("connecting to the test redis")
 }
 
+/// Script calls Redis has run so far (`INFO commandstats`).
+pub async fn script_calls(redis: &RedisProcess) -> u64 {
+    let mut conn = redis_conn(redis).await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO commandstats");
+    stats
+        .lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| {
+            line.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// Every key and value in Redis, for asserting that a rejected call changed nothing.
 pub async fn redis_dump(redis: &RedisProcess) -> Vec<(String, Vec<u8>)> {
     let mut conn = redis_conn(redis).await;

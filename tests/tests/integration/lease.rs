@@ -282,3 +282,181 @@ async fn return_if_drained_ends_the_wait_when_the_last_item_completes_elsewhere(
         started.elapsed()
     );
 }
+
+/// Runs one of the broker's scripts on `queue` the way the broker would, except that its
+/// notifications go to a channel nobody listens on: a notification lost in transit, as far as
+/// the brokers can tell. `args` follow the script's fixed leading arguments.
+async fn run_script_unheard(
+    redis: &RedisProcess,
+    script: &redis::Script,
+    keys: &[&str],
+    leading: &[&str],
+    args: &[&str],
+) {
+    let mut conn = redis_conn(redis).await;
+    let mut call = script.prepare_invoke();
+    for key in keys {
+        call.key(*key);
+    }
+    for arg in leading.iter().chain(args) {
+        call.arg(*arg);
+    }
+    let _: redis::Value = call.invoke_async(&mut conn).await.expect("the script runs");
+}
+
+const UNHEARD_CHANNEL: &str = "wq-test:nobody-listens";
+
+/// Notifications are fire and forget, so one can be lost. Waiting Lease calls do not poll Redis
+/// on their own (no --wait-recheck by default); the reaper, one script call per queue and round,
+/// wakes local waiters of a queue that has ready items.
+#[tokio::test]
+async fn a_waiter_whose_notification_was_lost_is_woken_by_the_reaper() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut waiter = broker.client().await;
+    let mut producer = broker.client().await;
+    // Registers the queue, as every real enqueue does, so the reaper visits it.
+    enqueue(&mut producer, "q", vec![item("first")]).await;
+    let first = lease(&mut producer, "q", 1, Duration::from_secs(30)).await;
+    complete(&mut producer, "q", &[first.items[0].lease_id.clone()]).await;
+
+    let wait = tokio::spawn(async move {
+        let started = Instant::now();
+        let reply = lease_waiting(&mut waiter, "q", Duration::from_secs(30), false).await;
+        (reply, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let config = BrokerConfig::default();
+    let k = wq_server::keys::QueueKeys::new(&config.key_prefix, "q");
+    let scripts = wq_server::scripts::Scripts::new();
+    run_script_unheard(
+        &redis,
+        &scripts.enqueue,
+        &[&k.ready, &k.delayed, &k.meta, &k.leased],
+        &[&k.item_prefix, UNHEARD_CHANNEL, "q", "1", "0"],
+        &["quiet", "unheard", "0", "-1", "-1", "5", ""],
+    )
+    .await;
+    let (reply, waited) = tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the waiter is woken long before its 30 s wait ends")
+        .expect("waiter task");
+    assert_eq!(reply.items.len(), 1);
+    assert_eq!(reply.items[0].payload.as_ref(), b"unheard");
+    assert!(
+        waited < Duration::from_secs(5),
+        "woken by the reaper (every 50 ms here): {waited:?}"
+    );
+}
+
+/// The drain announcement can be lost too; a waiter that returns on a drained queue then hears
+/// of it from the reaper instead of at the end of its wait.
+#[tokio::test]
+async fn a_lost_drain_announcement_is_made_up_for_by_the_reaper() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut waiter = broker.client().await;
+    let mut holder = broker.client().await;
+    enqueue(&mut holder, "q", vec![item("last")]).await;
+    let held = lease(&mut holder, "q", 1, Duration::from_secs(30)).await;
+    let lease_id = wq_server::lease_id::LeaseId::decode(&held.items[0].lease_id)
+        .expect("a lease id the broker issued decodes");
+
+    let wait = tokio::spawn(async move {
+        let started = Instant::now();
+        let reply = lease_waiting(&mut waiter, "q", Duration::from_secs(30), true).await;
+        (reply, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let config = BrokerConfig::default();
+    let k = wq_server::keys::QueueKeys::new(&config.key_prefix, "q");
+    let scripts = wq_server::scripts::Scripts::new();
+    run_script_unheard(
+        &redis,
+        &scripts.complete,
+        &[&k.leased, &k.meta, &k.ready, &k.delayed],
+        &[&k.item_prefix, "0", UNHEARD_CHANNEL, "q"],
+        &[&lease_id.item_id, &lease_id.token, ""],
+    )
+    .await;
+    let (reply, waited) = tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the waiter returns long before its 30 s wait ends")
+        .expect("waiter task");
+    assert!(reply.items.is_empty());
+    assert!(reply.drained);
+    assert!(
+        waited < Duration::from_secs(5),
+        "told by the reaper (every 50 ms here): {waited:?}"
+    );
+}
+
+/// Lease and Complete calls on one queue that arrive while a script call for it is in flight
+/// are combined into the next one: many single-item callers (Job pods of concurrency 1) cost
+/// Redis a few script calls, not one each, and every caller still gets its own items.
+#[tokio::test]
+async fn concurrent_single_item_leases_and_completes_share_script_calls() {
+    const CALLERS: usize = 300;
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    enqueue(
+        &mut client,
+        "q",
+        (0..CALLERS).map(|i| item(&i.to_string())).collect(),
+    )
+    .await;
+    let mut connections = Vec::new();
+    for _ in 0..10 {
+        connections.push(broker.client().await);
+    }
+
+    let before = script_calls(&redis).await;
+    let leases = futures_util::future::join_all((0..CALLERS).map(|i| {
+        let mut client = connections[i % connections.len()].clone();
+        async move { lease(&mut client, "q", 1, Duration::from_secs(30)).await }
+    }))
+    .await;
+    let lease_scripts = script_calls(&redis).await - before;
+    let lease_ids: Vec<String> = leases
+        .iter()
+        .map(|reply| {
+            assert_eq!(
+                reply.items.len(),
+                1,
+                "every caller gets exactly its one item"
+            );
+            reply.items[0].lease_id.clone()
+        })
+        .collect();
+    let payloads: HashSet<&[u8]> = leases
+        .iter()
+        .map(|reply| reply.items[0].payload.as_ref())
+        .collect();
+    assert_eq!(payloads.len(), CALLERS, "no item went to two callers");
+
+    let before = script_calls(&redis).await;
+    let outcomes = futures_util::future::join_all(lease_ids.iter().enumerate().map(|(i, id)| {
+        let mut client = connections[i % connections.len()].clone();
+        async move { complete(&mut client, "q", std::slice::from_ref(id)).await }
+    }))
+    .await;
+    let complete_scripts = script_calls(&redis).await - before;
+    assert!(outcomes.iter().all(|o| o == &[pb::LeaseOutcome::Ok]));
+    let s = state(&mut client, "q").await;
+    assert_eq!((s.completed_total, s.drained), (CALLERS as u64, true));
+
+    eprintln!(
+        "coalescing: {CALLERS} Lease calls took {lease_scripts} scripts, {CALLERS} Complete \
+         calls {complete_scripts}"
+    );
+    // One each would be 300; the reaper adds a few of its own meanwhile.
+    assert!(
+        lease_scripts < CALLERS as u64 / 2,
+        "{lease_scripts} lease scripts"
+    );
+    assert!(
+        complete_scripts < CALLERS as u64 / 2,
+        "{complete_scripts} complete scripts"
+    );
+}

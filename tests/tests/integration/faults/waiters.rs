@@ -312,28 +312,6 @@ async fn thousands_of_idle_waiters_cost_little_and_leave_nothing_behind_when_the
     );
 }
 
-/// Script calls Redis has run so far (`INFO commandstats`).
-async fn script_calls(redis: &RedisProcess) -> u64 {
-    let mut conn = redis_conn(redis).await;
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .expect("INFO commandstats");
-    stats
-        .lines()
-        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
-        .filter_map(|line| {
-            line.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
-}
-
 /// A drain must wake only the Lease calls that asked to return on a drained queue
 /// (`return_if_drained`). It once woke every waiter of the queue in every broker, and each re-ran
 /// the lease script: with 2000 idle waiters one Complete caused about 2000 scripts, and an
@@ -380,5 +358,43 @@ async fn a_draining_queue_does_not_send_every_idle_waiter_back_to_redis() {
         "one drain made Redis run {lease_scripts} scripts besides the Complete, for {} idle \
          waiters none of which asked to return on a drained queue",
         WAITERS - 1
+    );
+}
+
+/// The reaper wakes the local waiters of a queue with ready items, as the safety net for lost
+/// notifications; a paused queue grants nothing, so its waiters must be left alone. The reaper
+/// once woke them every round, and each ran the lease script for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_of_a_paused_queue_are_not_sent_back_to_redis_every_reaper_round() {
+    const WAITERS: usize = 100;
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await; // the reaper runs every 50 ms
+    let mut client = broker.client().await;
+    let mut admin = broker.admin().await;
+    admin
+        .pause_queue(pb::PauseQueueRequest { queue: "q".into() })
+        .await
+        .expect("pause");
+    enqueue(
+        &mut client,
+        "q",
+        (0..10).map(|i| item(&i.to_string())).collect(),
+    )
+    .await;
+    let mut waiters = Waiters::start(&broker.url(), "q", WAITERS, 4, Duration::ZERO).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = script_calls(&redis).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let scripts = script_calls(&redis).await - before;
+    assert!(
+        waiters.replies.try_recv().is_err(),
+        "a paused queue grants nothing"
+    );
+    waiters.vanish();
+    eprintln!("faults: paused queue: waiters={WAITERS} scripts_in_1s={scripts}");
+    // About 20 reaper rounds of one script each; a wake-up per round would be 100 more each.
+    assert!(
+        scripts < 60,
+        "{scripts} script calls in 1 s with {WAITERS} waiters on a paused queue"
     );
 }

@@ -1,0 +1,171 @@
+//! Lease and Complete as the handlers call them: concurrent calls on one queue are combined
+//! into one script call (see [`crate::coalesce`]) and each caller gets its own share back.
+
+use std::{sync::Arc, time::Duration};
+
+use bytes::Bytes;
+
+use crate::{
+    coalesce::Coalescer,
+    error::Result,
+    lease_id::LeaseId,
+    store::{LeaseBatch, Store},
+};
+
+/// Lease calls waiting to be combined, by queue and lease duration (ms): one script call
+/// grants one duration.
+pub(crate) type LeaseLine = Coalescer<(String, u64), u32, LeaseBatch>;
+/// Complete calls waiting to be combined, by queue.
+pub(crate) type CompleteLine = Coalescer<String, Vec<(LeaseId, Bytes)>, Vec<bool>>;
+
+impl Store {
+    /// Leases up to `max_items` items for `lease`, in one script call with the other Lease
+    /// calls on `queue` (and the same duration) that arrive while one is in flight. Items go
+    /// to the callers in arrival order, each up to its `max_items`.
+    ///
+    /// # Errors
+    /// UNAVAILABLE when Redis does not answer.
+    pub async fn lease_combined(
+        self: &Arc<Self>,
+        queue: &str,
+        max_items: u32,
+        lease: Duration,
+    ) -> Result<LeaseBatch> {
+        let store = Arc::clone(self);
+        let lease_ms = u64::try_from(lease.as_millis()).unwrap_or(u64::MAX);
+        self.lease_line
+            .call(
+                (queue.to_owned(), lease_ms),
+                max_items as usize,
+                max_items,
+                move |(queue, _), wanted: Vec<u32>| {
+                    let store = Arc::clone(&store);
+                    async move {
+                        let total = wanted.iter().sum();
+                        // A per-call random base makes every grant's token unique across calls
+                        // and replicas.
+                        let token_base = format!("{:016x}.", rand::random::<u64>());
+                        let batch = store.lease(&queue, total, lease, &token_base).await?;
+                        Ok(share_out(batch, &wanted))
+                    }
+                },
+            )
+            .await
+    }
+
+    /// Completes live leases, in one script call with the other Complete calls on `queue`
+    /// that arrive while one is in flight; returns which of this call's leases were live.
+    ///
+    /// # Errors
+    /// UNAVAILABLE when Redis does not answer.
+    pub async fn complete_combined(
+        self: &Arc<Self>,
+        queue: &str,
+        completions: Vec<(LeaseId, Bytes)>,
+    ) -> Result<Vec<bool>> {
+        let store = Arc::clone(self);
+        let weight = completion_weight(
+            &completions,
+            self.config().max_batch,
+            self.config().max_message_bytes,
+        );
+        self.complete_line
+            .call(
+                queue.to_owned(),
+                weight,
+                completions,
+                move |queue, calls: Vec<Vec<(LeaseId, Bytes)>>| {
+                    let store = Arc::clone(&store);
+                    async move {
+                        let sizes: Vec<usize> = calls.iter().map(Vec::len).collect();
+                        let all: Vec<(LeaseId, Bytes)> = calls.into_iter().flatten().collect();
+                        let mut live = store.complete(&queue, &all).await?.into_iter();
+                        Ok(sizes
+                            .into_iter()
+                            .map(|size| live.by_ref().take(size).collect())
+                            .collect())
+                    }
+                },
+            )
+            .await
+    }
+}
+
+/// A Complete call's weight in lease ids, counting its results' bytes too: a call carrying a
+/// whole message's worth of results weighs a whole batch, so combined calls stay within about
+/// twice what one call may carry.
+fn completion_weight(
+    completions: &[(LeaseId, Bytes)],
+    max_batch: usize,
+    max_message_bytes: usize,
+) -> usize {
+    let bytes: usize = completions.iter().map(|(_, result)| result.len()).sum();
+    let bytes_weight = (bytes as u128 * max_batch as u128 / max_message_bytes.max(1) as u128)
+        .try_into()
+        .unwrap_or(usize::MAX);
+    completions.len().saturating_add(bytes_weight)
+}
+
+/// Splits one script call's grants among the callers that asked for `wanted` items each, in
+/// order; the queue-wide figures go to everyone.
+fn share_out(mut batch: LeaseBatch, wanted: &[u32]) -> Vec<LeaseBatch> {
+    let mut items = std::mem::take(&mut batch.items).into_iter();
+    wanted
+        .iter()
+        .map(|&want| LeaseBatch {
+            items: items.by_ref().take(want as usize).collect(),
+            ..batch.clone()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Granted;
+
+    fn granted(id: &str) -> Granted {
+        Granted {
+            id: id.into(),
+            token: format!("t-{id}"),
+            payload: Bytes::new(),
+            attempts_ended: 0,
+            max_attempts: 5,
+            priority: 0,
+            enqueue_ms: 0,
+            headers: None,
+        }
+    }
+
+    #[test]
+    fn completions_weigh_their_count_and_their_bytes() {
+        let lease = LeaseId {
+            queue: "q".into(),
+            item_id: "i".into(),
+            token: "t".into(),
+        };
+        let small = vec![(lease.clone(), Bytes::new()); 3];
+        assert_eq!(completion_weight(&small, 1000, 4 << 20), 3);
+        let large = vec![(lease, Bytes::from(vec![0u8; 2 << 20]))];
+        assert_eq!(completion_weight(&large, 1000, 4 << 20), 1 + 500);
+    }
+
+    #[test]
+    fn grants_go_to_callers_in_order_up_to_what_each_asked() {
+        let batch = LeaseBatch {
+            now_ms: 1,
+            expire_ms: 2,
+            drained: false,
+            next_due_ms: None,
+            ready_left: 0,
+            items: ["a", "b", "c", "d"].into_iter().map(granted).collect(),
+        };
+        let shares = share_out(batch, &[1, 2, 3, 1]);
+        let ids: Vec<Vec<&str>> = shares
+            .iter()
+            .map(|s| s.items.iter().map(|i| i.id.as_str()).collect())
+            .collect();
+        assert_eq!(ids, [vec!["a"], vec!["b", "c"], vec!["d"], vec![]]);
+        assert!(shares.iter().all(|s| s.expire_ms == 2));
+    }
+}
