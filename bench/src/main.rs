@@ -14,11 +14,13 @@
 //! - `scale` (only with `--prefill`): enqueue and drain on a queue already holding many items,
 //!   and Redis bytes per queued item ([`scale`]).
 //!
-//! It prints tables and, with `--json FILE`, writes the figures as JSON.
+//! It prints tables and, with `--json FILE`, writes the figures as JSON; `--peers-csv FILE`
+//! writes them in the line format of the peers' harness ([`peers`]).
 
 mod baseline;
 mod idle;
 mod latency;
+mod peers;
 mod scale;
 mod stats;
 mod wakeup;
@@ -69,6 +71,9 @@ struct Args {
     /// Worker concurrencies to measure, comma separated.
     #[arg(short = 'w', long, value_delimiter = ',', default_value = "1,4,16")]
     workers: Vec<u32>,
+    /// Items each worker leases ahead of its free slots (`wq-worker --prefetch`).
+    #[arg(long, default_value_t = 0)]
+    prefetch: u32,
     /// The phases to run, comma separated.
     #[arg(
         long,
@@ -114,6 +119,9 @@ struct Args {
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Write the throughput results as `RESULT,wq,...` lines of `../shared/peers` to this file.
+    #[arg(long)]
+    peers_csv: Option<std::path::PathBuf>,
 }
 
 impl Args {
@@ -131,12 +139,18 @@ impl Handler for Noop {
 }
 
 /// One throughput figure.
-struct Row {
+pub(crate) struct Row {
     phase: &'static str,
     /// Worker slots (for `baseline`: lease calls per pipeline); 0 when none.
     workers: u32,
     items: usize,
     seconds: f64,
+}
+
+impl Row {
+    fn rate(&self) -> f64 {
+        self.items as f64 / self.seconds
+    }
 }
 
 /// One latency figure.
@@ -223,9 +237,15 @@ async fn main() -> anyhow::Result<()> {
         if args.runs(Phase::Drain) {
             let queue = format!("{run}-drain-{workers}");
             queues.push(queue.clone());
-            fill(&client, &queue, args.items, &args).await?;
+            let fill_seconds = fill(&client, &queue, args.items, &args).await?;
+            rows.push(Row {
+                phase: "fill",
+                workers,
+                items: args.items,
+                seconds: fill_seconds,
+            });
             let started = Instant::now();
-            let summary = worker(&client, &queue, workers, ExitPolicy::Drained)
+            let summary = worker(&client, &queue, workers, args.prefetch, ExitPolicy::Drained)
                 .run(Arc::new(Noop), CancellationToken::new())
                 .await;
             anyhow::ensure!(
@@ -247,7 +267,7 @@ async fn main() -> anyhow::Result<()> {
             queues.push(queue.clone());
             let started = Instant::now();
             let drain = tokio::spawn({
-                let w = worker(&client, &queue, workers, ExitPolicy::Sealed);
+                let w = worker(&client, &queue, workers, args.prefetch, ExitPolicy::Sealed);
                 async move { w.run(Arc::new(Noop), CancellationToken::new()).await }
             });
             fill(&client, &queue, args.items, &args).await?;
@@ -406,6 +426,14 @@ async fn main() -> anyhow::Result<()> {
             args.payload, args.prefill
         );
     }
+    if let Some(path) = &args.peers_csv {
+        let notes = format!(
+            "wq-bench N={} P={} B={} prefetch={}; broker in-process",
+            args.items, args.payload, args.batch, args.prefetch
+        );
+        std::fs::write(path, peers::result_lines(&rows, &notes))
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     if let Some(path) = &args.json {
         let mut json = to_json(&args, &rows, &latency_rows, idle_report.as_ref());
         if let (Some(bytes), serde_json::Value::Array(records)) = (bytes_per_item, &mut json) {
@@ -450,8 +478,11 @@ fn print_tables(
                 },
                 row.items,
                 row.seconds,
-                row.items as f64 / row.seconds
+                row.rate()
             );
+        }
+        if rows.iter().any(|r| r.phase == "fill") {
+            println!("(fill W: the enqueue that filled the queue for drain W)");
         }
         if rows.iter().any(|r| r.phase.ends_with('+')) {
             println!("(enqueue+, drain+: on a queue already holding --prefill items)");
@@ -568,9 +599,16 @@ async fn fill(client: &Client, queue: &str, count: usize, args: &Args) -> anyhow
     Ok(started.elapsed().as_secs_f64())
 }
 
-fn worker(client: &Client, queue: &str, concurrency: u32, exit: ExitPolicy) -> Worker {
+fn worker(
+    client: &Client,
+    queue: &str,
+    concurrency: u32,
+    prefetch: u32,
+    exit: ExitPolicy,
+) -> Worker {
     let mut config = WorkerConfig::new(queue);
     config.concurrency = concurrency;
+    config.prefetch = prefetch;
     config.exit = exit;
     Worker::new(client.clone(), config)
 }

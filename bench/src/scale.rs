@@ -87,7 +87,7 @@ pub(crate) async fn run(
         stop: stop.clone(),
     });
     let started = Instant::now();
-    let summary = crate::worker(client, queue, workers, ExitPolicy::Drained)
+    let summary = crate::worker(client, queue, workers, args.prefetch, ExitPolicy::Drained)
         .run(handler, stop)
         .await;
     let drain_seconds = started.elapsed().as_secs_f64();

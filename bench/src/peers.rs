@@ -1,0 +1,94 @@
+//! `--peers-csv`: the figures in the line format of `../shared/peers` (the harness that runs the
+//! same workload on BullMQ, RQ, Celery and the Kubernetes example's pattern), so wq lands in the
+//! same table as they do, measured the same way:
+//!
+//! - `enqueue_bulk`: the median of every bulk fill of this run (the `enqueue` phase and each
+//!   drain's fill), as the peers take the median of their fills;
+//! - `drain` W: the drain after that fill;
+//! - `e2e` W: that fill and drain one after the other, items over the summed seconds.
+//!
+//! The CPU columns stay empty: the broker runs inside this process.
+
+use std::fmt::Write as _;
+
+use crate::Row;
+
+/// The system name in the peers' table.
+const SYSTEM: &str = "wq";
+
+/// `RESULT,...` lines for `rows` (see the module docs).
+pub(crate) fn result_lines(rows: &[Row], notes: &str) -> String {
+    let mut lines = String::new();
+    let mut line = |phase: &str, workers: String, items: usize, seconds: f64| {
+        let rate = items as f64 / seconds;
+        let _ = writeln!(
+            lines,
+            "RESULT,{SYSTEM},{phase},{workers},{items},{seconds:.3},{rate:.0},,,,{notes}"
+        );
+    };
+    let mut fills: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.phase == "enqueue" || r.phase == "fill")
+        .collect();
+    fills.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
+    if let Some(median) = fills.get(fills.len() / 2) {
+        line("enqueue_bulk", "-".into(), median.items, median.seconds);
+    }
+    for drain in rows.iter().filter(|r| r.phase == "drain") {
+        line(
+            "drain",
+            drain.workers.to_string(),
+            drain.items,
+            drain.seconds,
+        );
+        let fill = rows
+            .iter()
+            .find(|r| r.phase == "fill" && r.workers == drain.workers);
+        if let Some(fill) = fill {
+            line(
+                "e2e",
+                drain.workers.to_string(),
+                drain.items,
+                fill.seconds + drain.seconds,
+            );
+        }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(phase: &'static str, workers: u32, seconds: f64) -> Row {
+        Row {
+            phase,
+            workers,
+            items: 1000,
+            seconds,
+        }
+    }
+
+    #[test]
+    fn fills_and_drains_become_the_peers_phases() {
+        let rows = [
+            row("enqueue", 0, 0.1),
+            row("fill", 4, 0.2),
+            row("drain", 4, 0.8),
+            row("fill", 16, 0.4),
+            row("drain", 16, 0.5),
+        ];
+        let text = result_lines(&rows, "n");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "RESULT,wq,enqueue_bulk,-,1000,0.200,5000,,,,n",
+                "RESULT,wq,drain,4,1000,0.800,1250,,,,n",
+                "RESULT,wq,e2e,4,1000,1.000,1000,,,,n",
+                "RESULT,wq,drain,16,1000,0.500,2000,,,,n",
+                "RESULT,wq,e2e,16,1000,0.900,1111,,,,n",
+            ]
+        );
+    }
+}
