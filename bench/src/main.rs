@@ -119,9 +119,13 @@ struct Args {
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
-    /// Write the throughput results as `RESULT,wq,...` lines of `../shared/peers` to this file.
+    /// Write the throughput results as `RESULT,<name>,...` lines of `../shared/peers` to this
+    /// file.
     #[arg(long)]
     peers_csv: Option<std::path::PathBuf>,
+    /// The system name in `--peers-csv` lines.
+    #[arg(long, default_value = "wq")]
+    peers_name: String,
 }
 
 impl Args {
@@ -431,7 +435,7 @@ async fn main() -> anyhow::Result<()> {
             "wq-bench N={} P={} B={} prefetch={}; broker in-process",
             args.items, args.payload, args.batch, args.prefetch
         );
-        std::fs::write(path, peers::result_lines(&rows, &notes))
+        std::fs::write(path, peers::result_lines(&args.peers_name, &rows, &notes))
             .with_context(|| format!("writing {}", path.display()))?;
     }
     if let Some(path) = &args.json {

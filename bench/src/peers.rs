@@ -13,17 +13,14 @@ use std::fmt::Write as _;
 
 use crate::Row;
 
-/// The system name in the peers' table.
-const SYSTEM: &str = "wq";
-
-/// `RESULT,...` lines for `rows` (see the module docs).
-pub(crate) fn result_lines(rows: &[Row], notes: &str) -> String {
+/// `RESULT,...` lines for `rows` under the system name `system` (see the module docs).
+pub(crate) fn result_lines(system: &str, rows: &[Row], notes: &str) -> String {
     let mut lines = String::new();
     let mut line = |phase: &str, workers: String, items: usize, seconds: f64| {
         let rate = items as f64 / seconds;
         let _ = writeln!(
             lines,
-            "RESULT,{SYSTEM},{phase},{workers},{items},{seconds:.3},{rate:.0},,,,{notes}"
+            "RESULT,{system},{phase},{workers},{items},{seconds:.3},{rate:.0},,,,{notes}"
         );
     };
     let mut fills: Vec<&Row> = rows
@@ -78,7 +75,7 @@ mod tests {
             row("fill", 16, 0.4),
             row("drain", 16, 0.5),
         ];
-        let text = result_lines(&rows, "n");
+        let text = result_lines("wq", &rows, "n");
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines,

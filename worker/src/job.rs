@@ -76,17 +76,21 @@ impl Job {
     async fn report(&self, item: &pb::LeasedItem, outcome: Outcome) -> TaskEnd {
         let mut delay = Duration::from_millis(100);
         for attempt in 1..=REPORT_ATTEMPTS {
+            // Fail is rare and its gRPC call's future is large: boxed, it does not inflate every
+            // item's task, which is copied around at each spawn.
             let (result, ended) = match &outcome {
                 Outcome::Complete(result) => (
                     self.complete(item, result.clone()).await,
                     TaskEnd::Completed,
                 ),
-                Outcome::Retry { error, delay } => {
-                    (self.fail(item, error, *delay, false).await, TaskEnd::Failed)
-                }
-                Outcome::DeadLetter(error) => {
-                    (self.fail(item, error, None, true).await, TaskEnd::Failed)
-                }
+                Outcome::Retry { error, delay } => (
+                    Box::pin(self.fail(item, error, *delay, false)).await,
+                    TaskEnd::Failed,
+                ),
+                Outcome::DeadLetter(error) => (
+                    Box::pin(self.fail(item, error, None, true)).await,
+                    TaskEnd::Failed,
+                ),
             };
             match result {
                 Ok(Some(pb::LeaseOutcome::Ok)) => {
