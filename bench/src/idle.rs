@@ -3,8 +3,8 @@
 //! during a quiet window without waiters, then during a window with L waiting Leases spread
 //! over C connections; the `INFO` calls themselves are left out.
 //!
-//! The figure covers what happens inside the window only: a waiting Lease re-checks its queue
-//! every `--wait-recheck` (15 s by default), so a window shorter than that misses those calls.
+//! The figure covers what happens inside the window only: against a broker started with
+//! `--wait-recheck` (off by default), a window shorter than that period misses the re-checks.
 
 use std::{collections::HashMap, time::Duration};
 

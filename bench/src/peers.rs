@@ -29,7 +29,8 @@ pub(crate) fn result_lines(system: &str, rows: &[Row], notes: &str) -> String {
         .collect();
     fills.sort_by(|a, b| a.rate().total_cmp(&b.rate()));
     if let Some(median) = fills.get(fills.len() / 2) {
-        line("enqueue_bulk", "-".into(), median.items, median.seconds);
+        // The peers label their one producer W=1.
+        line("enqueue_bulk", "1".into(), median.items, median.seconds);
     }
     for drain in rows.iter().filter(|r| r.phase == "drain") {
         line(
@@ -80,7 +81,7 @@ mod tests {
         assert_eq!(
             lines,
             [
-                "RESULT,wq,enqueue_bulk,-,1000,0.200,5000,,,,n",
+                "RESULT,wq,enqueue_bulk,1,1000,0.200,5000,,,,n",
                 "RESULT,wq,drain,4,1000,0.800,1250,,,,n",
                 "RESULT,wq,e2e,4,1000,1.000,1000,,,,n",
                 "RESULT,wq,drain,16,1000,0.500,2000,,,,n",
