@@ -17,6 +17,8 @@ use std::{
 use tokio_util::sync::CancellationToken;
 use wq_client::{Client, pb};
 
+use crate::chunked;
+
 /// Most lease ids one heartbeat call carries (the broker's default batch limit is 1000).
 const MAX_EXTEND_BATCH: usize = 500;
 
@@ -96,26 +98,26 @@ pub(crate) async fn heartbeat(
     stop: CancellationToken,
 ) {
     let every = lease / 3;
+    let mut chunk_size = MAX_EXTEND_BATCH;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(every) => {}
         }
-        for chunk in in_work.to_extend().chunks(MAX_EXTEND_BATCH) {
-            let ids = chunk.iter().map(|(id, _)| id.clone()).collect();
-            match client.extend_lease(&queue, ids, lease).await {
-                Ok(results) => {
-                    for ((_, held), result) in chunk.iter().zip(results) {
-                        if result.outcome() != pb::LeaseOutcome::Ok {
-                            held.lost.store(true, Ordering::SeqCst);
-                            tracing::warn!(
-                                "lease lost (expired and taken over, or the item is gone)"
-                            );
-                        }
-                    }
-                }
-                Err(error) => tracing::warn!(%error, "heartbeat failed; retrying"),
+        let due = in_work.to_extend();
+        let ids: Vec<String> = due.iter().map(|(id, _)| id.clone()).collect();
+        let (results, error) = chunked::send(ids, &mut chunk_size, |chunk| {
+            client.extend_lease(&queue, chunk, lease)
+        })
+        .await;
+        for ((_, held), result) in due.iter().zip(results) {
+            if result.outcome() != pb::LeaseOutcome::Ok {
+                held.lost.store(true, Ordering::SeqCst);
+                tracing::warn!("lease lost (expired and taken over, or the item is gone)");
             }
+        }
+        if let Some(error) = error {
+            tracing::warn!(%error, "heartbeat failed; retrying");
         }
     }
 }

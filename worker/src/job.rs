@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 use wq_client::{Client, duration, pb};
 
 use crate::{
-    Handler, Outcome,
+    Handler, Outcome, chunked,
     in_work::{Held, InWork},
 };
 
@@ -188,6 +188,7 @@ pub(crate) async fn complete_in_batches(
     queue: String,
     mut pending: mpsc::Receiver<PendingCompletion>,
 ) {
+    let mut call_size = MAX_COMPLETE_BATCH;
     while let Some(first) = pending.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_COMPLETE_BATCH {
@@ -198,20 +199,21 @@ pub(crate) async fn complete_in_batches(
         }
         let (completions, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|p| (p.completion, p.reply)).unzip();
-        match client.complete(&queue, completions).await {
-            Ok(results) => {
-                for (reply, result) in replies.into_iter().zip(results) {
-                    let _ = reply.send(Ok(result.outcome()));
-                }
-            }
-            Err(error) => {
-                let status = match error {
-                    wq_client::Error::Status(status) => status,
-                    other => tonic::Status::unavailable(other.to_string()),
-                };
-                for reply in replies {
-                    let _ = reply.send(Err(status.clone()));
-                }
+        let (results, error) = chunked::send(completions, &mut call_size, |chunk| {
+            client.complete(&queue, chunk)
+        })
+        .await;
+        let mut replies = replies.into_iter();
+        for (reply, result) in replies.by_ref().zip(results) {
+            let _ = reply.send(Ok(result.outcome()));
+        }
+        if let Some(error) = error {
+            let status = match error {
+                wq_client::Error::Status(status) => status,
+                other => tonic::Status::unavailable(other.to_string()),
+            };
+            for reply in replies {
+                let _ = reply.send(Err(status.clone()));
             }
         }
     }

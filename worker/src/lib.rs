@@ -16,8 +16,10 @@
 //! - [`worker`]: the lease loop and shutdown;
 //! - `job`: one item's task, and the completion batcher;
 //! - `in_work`: the held items and their shared heartbeat;
+//! - `chunked`: batch calls that adapt to the broker's batch limit;
 //! - [`command`]: the handler that runs an external command per item (the `wq-worker` binary's).
 
+mod chunked;
 pub mod command;
 mod in_work;
 mod job;

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use wq_client::{Client, duration, pb};
 
 use crate::{
-    ExitPolicy, Handler, WorkerConfig,
+    ExitPolicy, Handler, WorkerConfig, chunked,
     in_work::{self, InWork},
     job::{self, Job, MAX_BACKOFF, MAX_COMPLETE_BATCH, PendingCompletion, TaskEnd},
 };
@@ -133,6 +133,11 @@ impl Worker {
         ));
         let running = Arc::new(Semaphore::new(concurrency as usize));
         let lease_when_free = self.config.prefetch.clamp(1, MAX_LEASE_BATCH);
+        // Lowered when the broker's --max-lease-items is smaller (it answers INVALID_ARGUMENT).
+        let mut lease_cap = MAX_LEASE_BATCH;
+        // Set when a full batch left room unfilled (the cap was smaller than the room): the
+        // next Lease then goes out at once for the rest.
+        let mut top_up = false;
         let mut tasks = JoinSet::new();
         let mut summary = RunSummary::default();
         let mut backoff = Duration::from_millis(100);
@@ -141,8 +146,14 @@ impl Worker {
             while let Some(ended) = tasks.try_join_next() {
                 tally(&mut summary, ended);
             }
+            let wanted = if top_up {
+                1
+            } else {
+                lease_when_free.min(lease_cap)
+            };
+            top_up = false;
             let mut held = tokio::select! {
-                permit = Arc::clone(&room).acquire_many_owned(lease_when_free) => match permit {
+                permit = Arc::clone(&room).acquire_many_owned(wanted) => match permit {
                     Ok(permit) => permit,
                     Err(_) => break, // the semaphore is never closed
                 },
@@ -152,7 +163,7 @@ impl Worker {
                     continue;
                 }
             };
-            while held.num_permits() < MAX_LEASE_BATCH as usize {
+            while held.num_permits() < lease_cap as usize {
                 match Arc::clone(&room).try_acquire_owned() {
                     Ok(more) => held.merge(more),
                     Err(_) => break,
@@ -160,7 +171,7 @@ impl Worker {
             }
             let request = pb::LeaseRequest {
                 queue: queue.clone(),
-                max_items: held.num_permits() as u32,
+                max_items: (held.num_permits() as u32).min(lease_cap),
                 lease_duration: Some(duration(self.config.lease_duration)),
                 max_wait: Some(duration(self.config.max_wait)),
                 worker_id: self.config.worker_id.clone(),
@@ -168,6 +179,7 @@ impl Worker {
                 // a full wait.
                 return_if_drained: self.config.exit != ExitPolicy::Forever,
             };
+            let asked = request.max_items;
             let reply = tokio::select! {
                 reply = self.client.lease(request) => reply,
                 // Dropping the call is safe: the broker gives back what it leased for us.
@@ -177,6 +189,12 @@ impl Worker {
                 Ok(reply) => {
                     backoff = Duration::from_millis(100);
                     reply
+                }
+                Err(error) if error.code() == Some(tonic::Code::InvalidArgument) && asked > 1 => {
+                    lease_cap = asked / 2;
+                    tracing::debug!(%error, lease_cap, "lease batch refused; asking for fewer");
+                    drop(held);
+                    continue;
                 }
                 Err(error) if refused_for_good(&error) => {
                     tracing::error!(%error, "the broker refused this worker; stopping");
@@ -196,6 +214,9 @@ impl Worker {
                 }
             };
             let got_items = !reply.items.is_empty();
+            top_up = asked == lease_cap
+                && reply.items.len() == asked as usize
+                && room.available_permits() > 0;
             for item in reply.items {
                 let Some(leased) = held.split(1) else { break };
                 let item_held = in_work.hold(&item.lease_id);
@@ -275,24 +296,24 @@ impl Worker {
         if unfinished.is_empty() {
             return;
         }
-        match self
-            .client
-            .release(&self.config.queue, unfinished.clone())
-            .await
-        {
-            Ok(results) => {
-                let released = results
-                    .iter()
-                    .filter(|r| r.outcome() == pb::LeaseOutcome::Ok)
-                    .count();
-                summary.released += released as u64;
-                tracing::info!(released, "released unfinished items");
-            }
-            Err(error) => tracing::warn!(
+        let mut call_size = MAX_COMPLETE_BATCH;
+        let count = unfinished.len();
+        let (results, error) = chunked::send(unfinished, &mut call_size, |chunk| {
+            self.client.release(&self.config.queue, chunk)
+        })
+        .await;
+        let released = results
+            .iter()
+            .filter(|r| r.outcome() == pb::LeaseOutcome::Ok)
+            .count();
+        summary.released += released as u64;
+        tracing::info!(released, "released unfinished items");
+        if let Some(error) = error {
+            tracing::warn!(
                 %error,
-                count = unfinished.len(),
+                count = count - results.len(),
                 "releasing unfinished items failed; their leases will expire"
-            ),
+            );
         }
     }
 }

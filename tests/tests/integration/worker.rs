@@ -478,3 +478,76 @@ async fn a_prefetching_worker_drains_the_queue_and_exits_zero() {
     let s = state(&mut client, "q").await;
     assert_eq!((s.completed_total, s.drained), (300, true));
 }
+
+/// The worker batches Lease, Complete, heartbeat and Release calls for the broker's default
+/// limits; a broker configured with much smaller ones answers INVALID_ARGUMENT, and the worker
+/// then sends smaller batches instead of stopping, failing its reports or losing its leases.
+#[tokio::test]
+async fn a_broker_with_tiny_batch_limits_slows_the_worker_but_does_not_break_it() {
+    let redis = redis().await;
+    let config = BrokerConfig {
+        max_batch: 2,
+        max_lease_items: 2,
+        ..test_config()
+    };
+    let broker = Broker::start_with(&redis.url(), config).await;
+    let mut client = broker.client().await;
+    for chunk in (0..30).collect::<Vec<_>>().chunks(2) {
+        enqueue(
+            &mut client,
+            "q",
+            chunk.iter().map(|i| item(&i.to_string())).collect(),
+        )
+        .await;
+    }
+    let drain = worker(
+        &broker,
+        "q",
+        &["--concurrency", "2", "--prefetch", "6", "--", "true"],
+    );
+    let output = finish(drain, Duration::from_secs(60)).await;
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{err}");
+    assert!(err.contains("completed=30"), "{err}");
+
+    for chunk in ["a", "b", "c", "d", "e"].chunks(2) {
+        enqueue(
+            &mut client,
+            "held",
+            chunk.iter().map(|id| item_with_id(id, "x")).collect(),
+        )
+        .await;
+    }
+    let holder = worker(
+        &broker,
+        "held",
+        &[
+            "--concurrency",
+            "1",
+            "--prefetch",
+            "4",
+            "--lease-duration",
+            "600ms",
+            "--shutdown-grace",
+            "300ms",
+            "--",
+            "sleep",
+            "30",
+        ],
+    );
+    eventually("all five items held", async || {
+        state(&mut client, "held").await.leased == 5
+    })
+    .await;
+    // Several lease durations: the heartbeat must get through in batches of two.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = state(&mut client, "held").await;
+    assert_eq!((s.ready, s.leased), (0, 5), "no lease expired");
+    signal(&holder, "-TERM");
+    let output = finish(holder, Duration::from_secs(10)).await;
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{err}");
+    assert!(err.contains("released=5"), "{err}");
+    let s = state(&mut client, "held").await;
+    assert_eq!((s.ready, s.leased), (5, 0));
+}
