@@ -306,6 +306,36 @@ async fn run_script_unheard(
 
 const UNHEARD_CHANNEL: &str = "wq-test:nobody-listens";
 
+/// The broker's keys of queue `q`.
+fn keys_of_q() -> wq_server::keys::QueueKeys {
+    wq_server::keys::QueueKeys::new(&BrokerConfig::default().key_prefix, "q")
+}
+
+/// Starts a Lease on queue `q` that waits up to 30 s, and gives it time to park.
+async fn parked_waiter(
+    mut client: Client,
+    return_if_drained: bool,
+) -> tokio::task::JoinHandle<(pb::LeaseResponse, Duration)> {
+    let wait = tokio::spawn(async move {
+        let started = Instant::now();
+        let reply =
+            lease_waiting(&mut client, "q", Duration::from_secs(30), return_if_drained).await;
+        (reply, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait
+}
+
+/// The parked waiter's reply and how long it waited, once it returns (well before its 30 s).
+async fn reply_of(
+    wait: tokio::task::JoinHandle<(pb::LeaseResponse, Duration)>,
+) -> (pb::LeaseResponse, Duration) {
+    tokio::time::timeout(Duration::from_secs(10), wait)
+        .await
+        .expect("the waiter returns long before its 30 s wait ends")
+        .expect("waiter task")
+}
+
 /// Notifications are fire and forget, so one can be lost. Waiting Lease calls do not poll Redis
 /// on their own (no --wait-recheck by default); the reaper, one script call per queue and round,
 /// wakes local waiters of a queue that has ready items.
@@ -313,34 +343,23 @@ const UNHEARD_CHANNEL: &str = "wq-test:nobody-listens";
 async fn a_waiter_whose_notification_was_lost_is_woken_by_the_reaper() {
     let redis = redis().await;
     let broker = Broker::start(&redis.url()).await;
-    let mut waiter = broker.client().await;
     let mut producer = broker.client().await;
     // Registers the queue, as every real enqueue does, so the reaper visits it.
     enqueue(&mut producer, "q", vec![item("first")]).await;
     let first = lease(&mut producer, "q", 1, Duration::from_secs(30)).await;
     complete(&mut producer, "q", &[first.items[0].lease_id.clone()]).await;
 
-    let wait = tokio::spawn(async move {
-        let started = Instant::now();
-        let reply = lease_waiting(&mut waiter, "q", Duration::from_secs(30), false).await;
-        (reply, started.elapsed())
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let config = BrokerConfig::default();
-    let k = wq_server::keys::QueueKeys::new(&config.key_prefix, "q");
-    let scripts = wq_server::scripts::Scripts::new();
+    let wait = parked_waiter(broker.client().await, false).await;
+    let k = keys_of_q();
     run_script_unheard(
         &redis,
-        &scripts.enqueue,
+        &wq_server::scripts::Scripts::new().enqueue,
         &[&k.ready, &k.delayed, &k.meta, &k.leased],
         &[&k.item_prefix, UNHEARD_CHANNEL, "q", "1", "0"],
         &["quiet", "unheard", "0", "-1", "-1", "5", ""],
     )
     .await;
-    let (reply, waited) = tokio::time::timeout(Duration::from_secs(10), wait)
-        .await
-        .expect("the waiter is woken long before its 30 s wait ends")
-        .expect("waiter task");
+    let (reply, waited) = reply_of(wait).await;
     assert_eq!(reply.items.len(), 1);
     assert_eq!(reply.items[0].payload.as_ref(), b"unheard");
     assert!(
@@ -355,34 +374,23 @@ async fn a_waiter_whose_notification_was_lost_is_woken_by_the_reaper() {
 async fn a_lost_drain_announcement_is_made_up_for_by_the_reaper() {
     let redis = redis().await;
     let broker = Broker::start(&redis.url()).await;
-    let mut waiter = broker.client().await;
     let mut holder = broker.client().await;
     enqueue(&mut holder, "q", vec![item("last")]).await;
     let held = lease(&mut holder, "q", 1, Duration::from_secs(30)).await;
     let lease_id = wq_server::lease_id::LeaseId::decode(&held.items[0].lease_id)
         .expect("a lease id the broker issued decodes");
 
-    let wait = tokio::spawn(async move {
-        let started = Instant::now();
-        let reply = lease_waiting(&mut waiter, "q", Duration::from_secs(30), true).await;
-        (reply, started.elapsed())
-    });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let config = BrokerConfig::default();
-    let k = wq_server::keys::QueueKeys::new(&config.key_prefix, "q");
-    let scripts = wq_server::scripts::Scripts::new();
+    let wait = parked_waiter(broker.client().await, true).await;
+    let k = keys_of_q();
     run_script_unheard(
         &redis,
-        &scripts.complete,
+        &wq_server::scripts::Scripts::new().complete,
         &[&k.leased, &k.meta, &k.ready, &k.delayed],
         &[&k.item_prefix, "0", UNHEARD_CHANNEL, "q"],
         &[&lease_id.item_id, &lease_id.token, ""],
     )
     .await;
-    let (reply, waited) = tokio::time::timeout(Duration::from_secs(10), wait)
-        .await
-        .expect("the waiter returns long before its 30 s wait ends")
-        .expect("waiter task");
+    let (reply, waited) = reply_of(wait).await;
     assert!(reply.items.is_empty());
     assert!(reply.drained);
     assert!(
