@@ -32,6 +32,30 @@ async fn finish(child: Child, within: Duration) -> Output {
         .expect("the worker's output")
 }
 
+/// Waits for the worker to exit 0 and returns its stderr (the log, ending with its summary).
+async fn finish_ok(child: Child, within: Duration) -> String {
+    let output = finish(child, within).await;
+    let err = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{err}");
+    err
+}
+
+/// SIGTERMs the worker and checks that it exits 0 having released `released` items, and that
+/// the queue then holds `ready` ready items and none leased.
+async fn terminate_expecting_released(
+    child: Child,
+    client: &mut Client,
+    queue: &str,
+    released: u64,
+    ready: u64,
+) {
+    signal(&child, "-TERM");
+    let err = finish_ok(child, Duration::from_secs(10)).await;
+    assert!(err.contains(&format!("released={released}")), "{err}");
+    let s = state(client, queue).await;
+    assert_eq!((s.ready, s.leased), (ready, 0));
+}
+
 fn signal(child: &Child, sig: &str) {
     wq_tests::signal(child.id().expect("running"), sig);
 }
@@ -384,9 +408,7 @@ async fn a_lease_lost_while_working_is_logged_and_not_reported_as_success() {
         })
         .await
         .expect("purge");
-    let output = finish(child, Duration::from_secs(20)).await;
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{err}");
+    let err = finish_ok(child, Duration::from_secs(20)).await;
     assert!(err.contains("lease lost"), "{err}");
     assert!(
         err.contains("lost=1"),
@@ -441,13 +463,7 @@ async fn prefetched_items_are_kept_alive_while_waiting_and_released_at_sigterm()
         (1, 3),
         "nothing expired or was leased twice"
     );
-    signal(&child, "-TERM");
-    let output = finish(child, Duration::from_secs(10)).await;
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{err}");
-    assert!(err.contains("released=3"), "{err}");
-    let s = state(&mut client, "q").await;
-    assert_eq!((s.ready, s.leased), (4, 0));
+    terminate_expecting_released(child, &mut client, "q", 3, 4).await;
     let again = lease(&mut client, "q", 4, Duration::from_secs(30)).await;
     assert!(
         again.items.iter().all(|i| i.attempt == 1),
@@ -471,9 +487,7 @@ async fn a_prefetching_worker_drains_the_queue_and_exits_zero() {
         "q",
         &["--concurrency", "4", "--prefetch", "8", "--", "true"],
     );
-    let output = finish(child, Duration::from_secs(60)).await;
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{err}");
+    let err = finish_ok(child, Duration::from_secs(60)).await;
     assert!(err.contains("completed=300"), "{err}");
     let s = state(&mut client, "q").await;
     assert_eq!((s.completed_total, s.drained), (300, true));
@@ -505,9 +519,7 @@ async fn a_broker_with_tiny_batch_limits_slows_the_worker_but_does_not_break_it(
         "q",
         &["--concurrency", "2", "--prefetch", "6", "--", "true"],
     );
-    let output = finish(drain, Duration::from_secs(60)).await;
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{err}");
+    let err = finish_ok(drain, Duration::from_secs(60)).await;
     assert!(err.contains("completed=30"), "{err}");
 
     for chunk in ["a", "b", "c", "d", "e"].chunks(2) {
@@ -543,11 +555,5 @@ async fn a_broker_with_tiny_batch_limits_slows_the_worker_but_does_not_break_it(
     tokio::time::sleep(Duration::from_secs(2)).await;
     let s = state(&mut client, "held").await;
     assert_eq!((s.ready, s.leased), (0, 5), "no lease expired");
-    signal(&holder, "-TERM");
-    let output = finish(holder, Duration::from_secs(10)).await;
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{err}");
-    assert!(err.contains("released=5"), "{err}");
-    let s = state(&mut client, "held").await;
-    assert_eq!((s.ready, s.leased), (5, 0));
+    terminate_expecting_released(holder, &mut client, "held", 5, 5).await;
 }
