@@ -17,3 +17,4 @@ mod outage;
 mod security;
 mod tools;
 mod worker;
+mod worker_process;

@@ -4,6 +4,7 @@
 use std::{process::ExitCode, sync::Arc, time::Duration};
 
 use clap::Parser;
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use wq_client::{Client, ConnectOptions};
 use wq_worker::{
@@ -20,9 +21,10 @@ enum Until {
 }
 
 /// Lease items from a wq queue and run COMMAND once per item (payload on stdin; WQ_QUEUE,
-/// WQ_ITEM_ID and WQ_ATTEMPT in the environment). Exit status 0 completes the item with stdout as
-/// its result; the --permanent-exit-code status dead-letters it; any other status retries it with
-/// the tail of stderr as the error. Without COMMAND, print each item and sleep --work-time.
+/// WQ_ITEM_ID and WQ_ATTEMPT in the environment, the worker's WQ_TOKEN and TLS variables removed
+/// from it). Exit status 0 completes the item with stdout as its result; the
+/// --permanent-exit-code status dead-letters it; any other status retries it with the tail of
+/// stderr as the error. Without COMMAND, print each item and sleep --work-time.
 #[derive(Debug, Parser)]
 #[command(name = "wq-worker", version)]
 struct Args {
@@ -67,6 +69,9 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Before anything that can wait: as PID 1 of a container a signal with no handler is
+    // ignored, and the connect retries below can take more than a minute.
+    let termination = Termination::listen();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -75,9 +80,17 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let client = match connect(&args.connection).await {
-        Some(client) => client,
-        None => return ExitCode::FAILURE,
+    let shutdown = termination.cancel_on_signal();
+    let client = tokio::select! {
+        client = connect(&args.connection) => match client {
+            Some(client) => client,
+            None => return ExitCode::FAILURE,
+        },
+        // Nothing is leased yet, so there is nothing to release: stopping is a clean exit.
+        () = shutdown.cancelled() => {
+            tracing::info!("stopped before reaching the broker");
+            return ExitCode::SUCCESS;
+        }
     };
     let config = WorkerConfig {
         queue: args.queue.clone(),
@@ -94,13 +107,6 @@ async fn main() -> ExitCode {
         worker_id: String::new(),
     };
     let worker = Worker::new(client, config);
-    let shutdown = CancellationToken::new();
-    let trigger = shutdown.clone();
-    tokio::spawn(async move {
-        signal().await;
-        tracing::info!("termination requested");
-        trigger.cancel();
-    });
     let summary = match args.command.split_first() {
         Some((program, rest)) => {
             let handler = CommandHandler {
@@ -155,17 +161,51 @@ async fn connect(options: &ConnectOptions) -> Option<Client> {
     None
 }
 
-async fn signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+/// SIGTERM and SIGINT, listened for from the moment [`Termination::listen`] returns.
+struct Termination {
+    term: std::io::Result<Signal>,
+    int: std::io::Result<Signal>,
+}
+
+impl Termination {
+    /// Installs the handlers now (tokio registers them when the listener is created, not when
+    /// it is first polled).
+    fn listen() -> Self {
+        Self {
+            term: signal(SignalKind::terminate()),
+            int: signal(SignalKind::interrupt()),
         }
     }
+
+    /// A token cancelled at the first SIGTERM or SIGINT.
+    fn cancel_on_signal(self) -> CancellationToken {
+        let listeners = [("SIGTERM", self.term), ("SIGINT", self.int)].map(|(name, listener)| {
+            listener
+                .inspect_err(|error| tracing::warn!(%error, signal = name, "cannot handle signal"))
+                .ok()
+        });
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            let [term, int] = listeners;
+            tokio::select! {
+                () = received(term) => {}
+                () = received(int) => {}
+            }
+            tracing::info!("termination requested");
+            trigger.cancel();
+        });
+        shutdown
+    }
+}
+
+/// Completes at the first signal `listener` hears; never, without a listener.
+async fn received(listener: Option<Signal>) {
+    if let Some(mut listener) = listener
+        && listener.recv().await.is_some()
+    {
+        return;
+    }
+    // No listener, or one that can hear no more: this signal will never come.
+    std::future::pending().await
 }
