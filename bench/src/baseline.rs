@@ -10,7 +10,11 @@ use std::time::Instant;
 
 use anyhow::Context as _;
 use redis::Value;
-use wq_server::{config::BrokerConfig, keys, reply, scripts::Scripts};
+use wq_server::{
+    config::BrokerConfig,
+    keys, reply,
+    scripts::{self, Scripts},
+};
 
 /// Leases and completes every ready item of `queue` (already filled with `items` items) with
 /// pipelines `depth` lease calls deep; returns the seconds it took.
@@ -51,20 +55,15 @@ pub(crate) async fn run(
     for round in 0.. {
         let mut leases = redis::pipe();
         for slot in 0..depth.max(1) {
-            let mut call = scripts.lease.key(&keys.ready);
-            call.key(&keys.delayed)
-                .key(&keys.leased)
-                .key(&keys.dead)
-                .key(&keys.meta)
-                .arg(&keys.item_prefix)
-                .arg(1)
-                .arg(lease_ms)
+            let mut call =
+                scripts::queue_invocation(&scripts.lease, &keys, &channel, queue, config);
+            call.arg(lease_ms)
                 // Unique per call, as the broker's random token base is.
                 .arg(format!("direct-{round}-{slot}-"))
-                .arg(config.reap_batch)
-                .arg(config.dead_max_count)
-                .arg(&channel)
-                .arg(queue);
+                .arg(config.max_reply_bytes)
+                .arg(wq_server::config::REPLY_BYTES_PER_ITEM)
+                .arg(1)
+                .arg(1);
             leases.invoke_script(&call);
         }
         let replies: Vec<Value> = leases
@@ -78,15 +77,9 @@ pub(crate) async fn run(
         if granted.is_empty() {
             break;
         }
-        let mut complete = scripts.complete.key(&keys.leased);
-        complete
-            .key(&keys.meta)
-            .key(&keys.ready)
-            .key(&keys.delayed)
-            .arg(&keys.item_prefix)
-            .arg(retention_ms)
-            .arg(&channel)
-            .arg(queue);
+        let mut complete =
+            scripts::queue_invocation(&scripts.complete, &keys, &channel, queue, config);
+        complete.arg(retention_ms);
         for (id, token) in &granted {
             complete.arg(id).arg(token).arg("");
         }
@@ -112,10 +105,14 @@ pub(crate) async fn run(
 
 /// The (id, token) of each item a lease script call granted (see the header of `lua/lease.lua`).
 fn granted_leases(reply: Value) -> anyhow::Result<Vec<(String, String)>> {
-    let items = reply::array("lease", reply)?
+    let grants = reply::array("lease", reply)?
         .into_iter()
-        .nth(5)
-        .context("lease reply has no items")?;
+        .nth(6)
+        .context("lease reply has no grants")?;
+    let items = reply::array("lease grants", grants)?
+        .into_iter()
+        .next()
+        .context("lease reply has no grant")?;
     reply::array("lease items", items)?
         .into_iter()
         .map(|item| {

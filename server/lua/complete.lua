@@ -1,28 +1,22 @@
 --[[
   complete: finishes live leases successfully. The item is forgotten at once, or kept with its
-  result for the retention period (then Redis expires it).
+  result for the retention period (then Redis expires it); either way its id stays known for
+  deduplication (see lib.lua, ARGV[4]). When the last item of the queue is completed, the drain
+  is announced (see lib.lua).
 
-  KEYS[1] <prefix>:{<queue>}:leased   KEYS[2] <prefix>:{<queue>}:meta
-  KEYS[3] <prefix>:{<queue>}:ready    KEYS[4] <prefix>:{<queue>}:delayed
-
-  ARGV[1] item key prefix
-  ARGV[2] completed-item retention (ms, 0 = forget at once)
-  ARGV[3] notification channel        ARGV[4] queue name
+  KEYS and ARGV[1..8]: see lib.lua.
+  ARGV[9] completed-item retention (ms, 0 = forget at once)
   then 3 values per completion: id, token, result ('' = none)
-
-  When the last item of the queue is completed, the drain is announced (see lib.lua).
 
   Returns {ok_1, ..., ok_N}: ok_i is 1 when lease i was live and the item completed, else 0.
 ]]
 
-local k_leased, k_meta, k_ready, k_delayed = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local item_prefix, retention_ms = ARGV[1], tonumber(ARGV[2])
-local channel, queue = ARGV[3], ARGV[4]
+local retention_ms = tonumber(ARGV[9])
 local now = now_ms()
 local result = {}
 local done = 0
-local seen, finished, gone = {}, {}, {}
-for i = 5, #ARGV, 3 do
+local seen, finished, gone, known = {}, {}, {}, {}
+for i = 10, #ARGV, 3 do
   local id, token, res = ARGV[i], ARGV[i + 1], ARGV[i + 2]
   local item_key = item_prefix .. id
   local f = redis.call('HMGET', item_key, 's', 'k')
@@ -30,6 +24,8 @@ for i = 5, #ARGV, 3 do
   if f[1] == 'l' and f[2] == token and not seen[id] then
     seen[id] = true
     finished[#finished + 1] = id
+    known[#known + 1] = now
+    known[#known + 1] = id
     if retention_ms > 0 then
       redis.call('HSET', item_key, 's', 'c', 'ct', now)
       redis.call('HDEL', item_key, 'x', 'k')
@@ -46,10 +42,11 @@ for i = 5, #ARGV, 3 do
     result[#result + 1] = 0
   end
 end
-call_in_chunks('ZREM', k_leased, finished)
+call_in_chunks('ZREM', K.leased, finished)
 call_in_chunks('DEL', nil, gone)
+remember_finished(known)
 if done > 0 then
-  redis.call('HINCRBY', k_meta, 'done', done)
-  notify_if_drained(k_ready, k_leased, k_delayed, channel, queue)
+  redis.call('HINCRBY', K.meta, 'done', done)
+  notify_if_drained()
 end
 return result

@@ -1,20 +1,14 @@
 --[[
   enqueue: adds a batch of items to one queue, all or nothing.
 
-  An id the queue still stores (in any state) is not added again and is flagged as a duplicate,
-  also when it repeats within the batch. Items with a due time in the future go to the delayed
-  set, the others to the ready set; waiters are notified once per call.
+  An id the queue still knows is not added again and is flagged as a duplicate: an id stored in
+  any state, an id finished (completed or dead) within the dedup window, and an id repeated
+  within the batch. Items with a due time in the future go to the delayed set, the others to the
+  ready set; waiters are notified once per call (not while the queue is paused).
 
-  KEYS[1] <prefix>:{<queue>}:ready    sorted set, see lib.lua
-  KEYS[2] <prefix>:{<queue>}:delayed  sorted set of ids by due time (ms)
-  KEYS[3] <prefix>:{<queue>}:meta     hash of counters and flags
-  KEYS[4] <prefix>:{<queue>}:leased   sorted set of leased ids (counted for the length limit)
-
-  ARGV[1] item key prefix, <prefix>:{<queue>}:i:
-  ARGV[2] notification channel
-  ARGV[3] queue name (notification message)
-  ARGV[4] number of items N
-  ARGV[5] most items the queue may hold in ready + delayed + leased (0 = no limit)
+  KEYS and ARGV[1..8]: see lib.lua.
+  ARGV[9]  number of items N
+  ARGV[10] most items the queue may hold in ready + delayed + leased (0 = no limit)
   then 7 values per item:
     id, payload, priority, delay (ms, -1 = none), not_before (unix ms, -1 = none),
     max_attempts (resolved, >= 1), headers (opaque bytes, '' = none)
@@ -22,28 +16,37 @@
   Returns {status, now_ms, dup_1, ..., dup_N}:
     status 0 = ok, 1 = the queue is sealed (nothing written)
     dup_i  1 when item i was a duplicate, else 0
-  or {2, held, new}: the batch's `new` items would take the queue past ARGV[5] while it holds
+  or {2, held, new}: the batch's `new` items would take the queue past ARGV[10] while it holds
     `held` (nothing written)
 ]]
 
-local k_ready, k_delayed, k_meta, k_leased = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local item_prefix, channel, queue = ARGV[1], ARGV[2], ARGV[3]
-local n, max_length = tonumber(ARGV[4]), tonumber(ARGV[5])
-local first = 6
+local n, max_length = tonumber(ARGV[9]), tonumber(ARGV[10])
+local first = 11
 
-if redis.call('HGET', k_meta, 'sealed') == '1' then
+if redis.call('HGET', K.meta, 'sealed') == '1' then
   return {1, 0}
+end
+
+local now = now_ms()
+-- Finished ids are looked up only when the queue remembers any; an id is known for exactly its
+-- window, however late the reaper forgets it.
+local remembers = keep_ms > 0 and redis.call('ZCARD', K.done) > 0
+local function known(id)
+  if redis.call('EXISTS', item_prefix .. id) == 1 then return true end
+  if not remembers then return false end
+  local finished = redis.call('ZSCORE', K.done, id)
+  return finished ~= false and tonumber(finished) + keep_ms > now
 end
 
 if max_length > 0 then
   -- Count what the batch would add before writing anything, so a full queue refuses the
   -- whole batch rather than half of it.
-  local held = redis.call('ZCARD', k_ready) + redis.call('ZCARD', k_delayed)
-    + redis.call('ZCARD', k_leased)
+  local held = redis.call('ZCARD', K.ready) + redis.call('ZCARD', K.delayed)
+    + redis.call('ZCARD', K.leased)
   local fresh, seen = 0, {}
   for i = 0, n - 1 do
     local id = ARGV[first + i * 7]
-    if not seen[id] and redis.call('EXISTS', item_prefix .. id) == 0 then
+    if not seen[id] and not known(id) then
       fresh = fresh + 1
     end
     seen[id] = true
@@ -53,18 +56,18 @@ if max_length > 0 then
   end
 end
 
-local now = now_ms()
-local seq = tonumber(redis.call('HGET', k_meta, 'seq') or 0)
+local seq = tonumber(redis.call('HGET', K.meta, 'seq') or 0)
 local result = {0, now}
 local added, readied = 0, 0
 -- Score-member pairs, added with one ZADD per set at the end.
 local to_ready, to_delay = {}, {}
+local bands = {}
 
 for i = 0, n - 1 do
   local base = first + i * 7
   local id = ARGV[base]
   local item_key = item_prefix .. id
-  if redis.call('EXISTS', item_key) == 1 then
+  if known(id) then
     result[#result + 1] = 1
   else
     result[#result + 1] = 0
@@ -96,17 +99,24 @@ for i = 0, n - 1 do
       fields[#fields + 1] = 'r'
       to_ready[#to_ready + 1] = -priority
       to_ready[#to_ready + 1] = ready_member(seq, id)
+      bands[priority] = true
       readied = readied + 1
     end
     redis.call('HSET', item_key, unpack(fields))
   end
 end
 
-call_in_chunks('ZADD', k_ready, to_ready)
-call_in_chunks('ZADD', k_delayed, to_delay)
-if added > 0 then
-  redis.call('HSET', k_meta, 'seq', seq)
-  redis.call('HINCRBY', k_meta, 'enq', added)
+call_in_chunks('ZADD', K.ready, to_ready)
+call_in_chunks('ZADD', K.delayed, to_delay)
+for priority in pairs(bands) do
+  head_added(priority, now)
 end
-notify_ready(channel, queue, readied)
+-- The last activity is kept even for a batch of duplicates: it is what an idle queue's expiry
+-- counts from.
+redis.call('HSET', K.meta, 'la', now)
+if added > 0 then
+  redis.call('HSET', K.meta, 'seq', seq)
+  redis.call('HINCRBY', K.meta, 'enq', added)
+end
+notify_ready(readied)
 return result

@@ -1,39 +1,43 @@
 --[[
-  purge: deletes items of the given states, at most `limit` per call; the caller repeats while
-  `more` is 1. Leases of purged items are lost (their item is gone).
+  purge: deletes items of the given states, at most one step (ARGV[5]) per call; the caller
+  repeats while `more` is 1. Leases of purged items are lost (their item is gone). Purged ids
+  are not remembered for deduplication. When the call leaves the queue drained, the drain is
+  announced.
 
-  KEYS[1] <prefix>:{<queue>}:ready    KEYS[2] <prefix>:{<queue>}:delayed
-  KEYS[3] <prefix>:{<queue>}:leased   KEYS[4] <prefix>:{<queue>}:dead
-
-  ARGV[1] item key prefix
-  ARGV[2] limit per call
-  ARGV[3..] states to purge: any of 'r', 'd', 'l', 'x'
+  KEYS and ARGV[1..8]: see lib.lua.
+  ARGV[9..] states to purge: any of 'r', 'd', 'l', 'x'
 
   Returns {purged, more}.
 ]]
 
-local item_prefix, limit = ARGV[1], tonumber(ARGV[2])
-local sets = {r = KEYS[1], d = KEYS[2], l = KEYS[3], x = KEYS[4]}
+local sets = {r = K.ready, d = K.delayed, l = K.leased, x = K.dead}
 
 local purged = 0
 local more = 0
-for i = 3, #ARGV do
+for i = 9, #ARGV do
   local state = ARGV[i]
   local key = sets[state]
-  local budget = limit - purged
+  local budget = step_limit - purged
   if key and budget > 0 then
     local popped = redis.call('ZPOPMIN', key, budget)
+    local gone, bands = {}, {}
     for j = 1, #popped, 2 do
       local id = popped[j]
       if state == 'r' then
         id = id_of_member(id)
+        bands[0 - tonumber(popped[j + 1])] = true
       end
-      redis.call('DEL', item_prefix .. id)
+      gone[#gone + 1] = item_prefix .. id
     end
+    call_in_chunks('DEL', nil, gone)
+    heads_refresh(bands)
     purged = purged + #popped / 2
   end
   if key and redis.call('ZCARD', key) > 0 then
     more = 1
   end
+end
+if purged > 0 and more == 0 then
+  notify_if_drained()
 end
 return {purged, more}

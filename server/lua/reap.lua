@@ -1,62 +1,105 @@
 --[[
-  reap: the background pass over one queue. Reclaims expired leases, promotes due delayed items
-  and drops dead letters older than the age bound, each bounded by a limit so Redis is never
-  blocked for long; the caller repeats while `more` is 1.
+  reap: the background pass over one queue. Reclaims expired leases, promotes due delayed items,
+  drops dead letters past their bounds and forgets finished ids past their dedup window, each
+  bounded by one step (ARGV[5]) so Redis is never blocked for long; the caller repeats while
+  `more` is 1. An empty queue that has been idle for ARGV[8] (and holds no flags, dead letters or
+  remembered ids) is forgotten: its meta is deleted and `expired` is 1.
 
-  KEYS[1] <prefix>:{<queue>}:ready    KEYS[2] <prefix>:{<queue>}:delayed
-  KEYS[3] <prefix>:{<queue>}:leased   KEYS[4] <prefix>:{<queue>}:dead
-  KEYS[5] <prefix>:{<queue>}:meta
+  KEYS and ARGV[1..8]: see lib.lua. No arguments of its own.
 
-  ARGV[1] item key prefix             ARGV[2] limit per step
-  ARGV[3] dead-letter count bound (0 = none)
-  ARGV[4] dead-letter age bound (ms, 0 = none)
-  ARGV[5] notification channel        ARGV[6] queue name
-
-  Returns {reclaimed, promoted, dropped, ready, more, drained, paused}: ready is the ready count
-  afterwards; more is 1 when a limit was reached and another pass has work to do; drained is 1
-  when no item is ready, leased or delayed; paused is 1 when the queue grants nothing. The
-  reaper uses the last three to wake waiting Lease calls whose notification was lost.
+  Returns {reclaimed, promoted, dropped, ready, more, drained, paused, next_ms, expired, trash}:
+  ready is the ready count afterwards; more is 1 when a step limit was reached; drained is 1
+  when no item is ready, leased or delayed; paused is 1 when the queue grants nothing; next_ms is
+  when the queue next needs this pass (0 = never, unless something changes); trash is 1 when a
+  deleted generation's items are still to be deleted (see delete_trash.lua). The reaper uses
+  drained, paused and ready to wake waiting Lease calls whose notification was lost.
 ]]
 
-local k_ready, k_delayed, k_leased, k_dead, k_meta = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local item_prefix, limit = ARGV[1], tonumber(ARGV[2])
-local max_dead, max_dead_age = tonumber(ARGV[3]), tonumber(ARGV[4])
-local channel, queue = ARGV[5], ARGV[6]
-
 local now = now_ms()
-local readied, reclaimed = reclaim_expired(k_ready, k_leased, k_dead, k_meta, item_prefix, now,
-  limit, max_dead)
-local promoted = promote_due(k_ready, k_delayed, item_prefix, now, limit)
+local readied, reclaimed = reclaim_expired(now)
+local promoted = promote_due(now)
 
-local dropped = 0
+local aged = {}
 if max_dead_age > 0 then
-  local old = redis.call('ZRANGEBYSCORE', k_dead, '-inf', now - max_dead_age, 'LIMIT', 0, limit)
-  for _, id in ipairs(old) do
-    redis.call('ZREM', k_dead, id)
-    redis.call('DEL', item_prefix .. id)
+  aged = redis.call('ZRANGEBYSCORE', K.dead, '-inf', now - max_dead_age, 'WITHSCORES',
+    'LIMIT', 0, step_limit)
+  local ids, gone, known = {}, {}, {}
+  for i = 1, #aged, 2 do
+    ids[#ids + 1] = aged[i]
+    gone[#gone + 1] = item_prefix .. aged[i]
+    local died = tonumber(aged[i + 1])
+    if died + keep_ms > now then
+      known[#known + 1] = died
+      known[#known + 1] = aged[i]
+    end
   end
-  dropped = #old
-  if dropped > 0 then
-    redis.call('HINCRBY', k_meta, 'dropped', dropped)
+  call_in_chunks('ZREM', K.dead, ids)
+  call_in_chunks('DEL', nil, gone)
+  remember_finished(known)
+  if #ids > 0 then
+    redis.call('HINCRBY', K.meta, 'dropped', #ids)
   end
 end
-dropped = dropped + trim_dead_count(k_dead, k_meta, item_prefix, max_dead)
+local trimmed, over = trim_dead_count(now)
+local dropped = #aged / 2 + trimmed
 
-notify_ready(channel, queue, readied + promoted)
+-- Finished ids past their window are forgotten from the front of the done set (oldest first).
+local stale = redis.call('ZCOUNT', K.done, '-inf', now - keep_ms)
+local forgotten = math.min(stale, step_limit)
+if forgotten > 0 then
+  redis.call('ZREMRANGEBYRANK', K.done, 0, forgotten - 1)
+end
+
+notify_ready(readied + promoted)
 if reclaimed > readied then
   -- Some reclaimed leases went to the dead letters: that may have drained the queue.
-  notify_if_drained(k_ready, k_leased, k_delayed, channel, queue)
+  notify_if_drained()
 end
+
 local more = 0
-if reclaimed >= limit or promoted >= limit or dropped >= limit then
+if reclaimed >= step_limit or promoted >= step_limit or #aged / 2 >= step_limit or over
+  or stale > forgotten then
   more = 1
 end
 local drained = 0
-if is_drained(k_ready, k_leased, k_delayed) then
+if is_drained() then
   drained = 1
 end
+local flags = redis.call('HMGET', K.meta, 'paused', 'sealed', 'la')
 local paused = 0
-if redis.call('HGET', k_meta, 'paused') == '1' then
+if flags[1] == '1' then
   paused = 1
 end
-return {reclaimed, promoted, dropped, redis.call('ZCARD', k_ready), more, drained, paused}
+local trash = 0
+if redis.call('SCARD', K.trash) > 0 then
+  trash = 1
+end
+
+local next_ms = 0
+local function sooner(t)
+  if t and (next_ms == 0 or t < next_ms) then next_ms = t end
+end
+local expired = 0
+if more == 1 or trash == 1 then
+  sooner(now)
+else
+  sooner(first_score(K.leased))
+  sooner(first_score(K.delayed))
+  local oldest_dead = first_score(K.dead)
+  if oldest_dead and max_dead_age > 0 then sooner(oldest_dead + max_dead_age) end
+  local oldest_done = first_score(K.done)
+  if oldest_done then sooner(oldest_done + keep_ms) end
+  local empty = oldest_dead == nil and oldest_done == nil and next_ms == 0
+    and redis.call('ZCARD', K.ready) == 0
+  if empty and flags[1] ~= '1' and flags[2] ~= '1' then
+    local last = tonumber(flags[3])
+    if last == nil or (idle_ttl > 0 and last + idle_ttl <= now) then
+      redis.call('DEL', K.meta, K.heads)
+      expired = 1
+    elseif idle_ttl > 0 then
+      sooner(last + idle_ttl)
+    end
+  end
+end
+return {reclaimed, promoted, dropped, redis.call('ZCARD', K.ready), more, drained, paused,
+  next_ms, expired, trash}

@@ -106,7 +106,10 @@ impl Admin {
         let mut queues = Vec::with_capacity(end - start);
         for name in &names[start..end] {
             let snapshot = self.store.queue_state(name).await?;
-            queues.push(queue_state_response(name.clone(), snapshot));
+            // Indexed but holding nothing: a queue only leased from, or just deleted.
+            if snapshot.exists {
+                queues.push(queue_state_response(name.clone(), snapshot));
+            }
         }
         let next_page_token = if end < names.len() {
             encode_page_token(end as u64)
@@ -138,24 +141,17 @@ impl Admin {
             .store
             .item_fields(&request.queue, &ids, request.include_payloads)
             .await?;
-        // Payloads can be large: stop the page early rather than exceed the message limit.
-        let budget = self.config.max_message_bytes / 2;
-        let mut used = 0;
-        let mut processed = 0u64;
-        let mut items = Vec::with_capacity(ids.len());
-        for (id, fields) in ids.into_iter().zip(fields) {
-            processed += 1;
-            if fields.is_empty() {
-                continue; // finished or moved since the listing
-            }
-            let item = stored_item(id, fields);
-            used += item.payload.len() + item.result.len();
-            items.push(item);
-            if used > budget {
-                break;
-            }
-        }
-        let next_page_token = if used > budget || has_more {
+        // With payloads the store stops early at the reply budget; the next page starts there.
+        let cut_short = fields.len() < ids.len();
+        let processed = fields.len() as u64;
+        let items: Vec<pb::Item> = ids
+            .into_iter()
+            .zip(fields)
+            // An item without fields finished or moved since the listing.
+            .filter(|(_, fields)| !fields.is_empty())
+            .map(|(id, fields)| stored_item(id, fields))
+            .collect();
+        let next_page_token = if cut_short || has_more {
             encode_page_token(offset.saturating_add(processed))
         } else {
             String::new()

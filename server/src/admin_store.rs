@@ -10,6 +10,10 @@ use crate::{
     store::Store,
 };
 
+/// Most pairs of fields per item a ListItems page reads (the payload and result come with
+/// HGETALL); the reply estimate below counts every field.
+const FIELD_REPLY_OVERHEAD: usize = 64;
+
 /// A queue flag an operator can set.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QueueFlag {
@@ -60,19 +64,24 @@ impl Store {
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
     pub async fn set_flag(&self, queue: &str, flag: QueueFlag, on: bool) -> Result<u64> {
-        self.register(queue).await?;
-        let k = self.keys(queue);
-        let mut call = self.scripts().set_flag.key(&k.meta);
-        call.key(&k.ready)
-            .arg(match flag {
-                QueueFlag::Paused => "paused",
-                QueueFlag::Sealed => "sealed",
-            })
-            .arg(if on { "1" } else { "0" })
-            .arg(self.notify_channel())
-            .arg(queue);
-        let reply = self.invoke(&call).await?;
-        reply::uint("set_flag", &reply)
+        let mut call = self.queue_call(&self.scripts().set_flag, queue);
+        call.arg(match flag {
+            QueueFlag::Paused => "paused",
+            QueueFlag::Sealed => "sealed",
+        })
+        .arg(if on { "1" } else { "0" });
+        let reply = reply::array("set_flag", self.invoke(&call).await?)?;
+        let [ready, exists]: [Value; 2] = reply
+            .try_into()
+            .map_err(|_| Error::Internal("set_flag reply has the wrong length".into()))?;
+        if reply::int("set_flag exists", &exists)? == 1 {
+            self.schedule(
+                queue,
+                self.local_now_ms().saturating_add(self.idle_visit_ms()),
+            )
+            .await?;
+        }
+        reply::uint("set_flag", &ready)
     }
 
     /// Requeues the given dead letters, or all of them; returns how many.
@@ -80,15 +89,9 @@ impl Store {
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
     pub async fn requeue_dead(&self, queue: &str, ids: Option<&[String]>) -> Result<u64> {
-        let k = self.keys(queue);
         let mut total = 0;
         for _ in 0..MAX_CHUNKS {
-            let mut call = self.scripts().requeue_dead.key(&k.ready);
-            call.key(&k.dead)
-                .arg(&k.item_prefix)
-                .arg(self.notify_channel())
-                .arg(queue)
-                .arg(self.config().reap_batch);
+            let mut call = self.queue_call(&self.scripts().requeue_dead, queue);
             match ids {
                 None => {
                     call.arg("all");
@@ -114,15 +117,9 @@ impl Store {
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
     pub async fn purge(&self, queue: &str, states: &[IndexedState]) -> Result<u64> {
-        let k = self.keys(queue);
         let mut total = 0;
         for _ in 0..MAX_CHUNKS {
-            let mut call = self.scripts().purge.key(&k.ready);
-            call.key(&k.delayed)
-                .key(&k.leased)
-                .key(&k.dead)
-                .arg(&k.item_prefix)
-                .arg(self.config().reap_batch);
+            let mut call = self.queue_call(&self.scripts().purge, queue);
             for state in states {
                 call.arg(state.code());
             }
@@ -135,16 +132,35 @@ impl Store {
         Ok(total)
     }
 
-    /// Deletes a queue: its items (in chunks), then its counters and flags, then its name.
+    /// Deletes a queue: one atomic step leaves a fresh, empty queue in its place (see
+    /// `lua/delete_queue.lua`), then the old items are deleted in bounded steps and the queue
+    /// leaves the index unless an Enqueue has refilled it meanwhile. Returns how many items
+    /// (ready, delayed, leased, dead) were deleted.
+    ///
+    /// # Errors
+    /// UNAVAILABLE when Redis does not answer. The queue is deleted all the same once the first
+    /// step is done: the reaper deletes what is left.
+    pub async fn delete_queue(&self, queue: &str) -> Result<u64> {
+        let call = self.queue_call(&self.scripts().delete_queue, queue);
+        let (deleted, _generation) = count_and_more("delete", self.invoke(&call).await?)?;
+        self.delete_trash(queue).await?;
+        self.unindex(queue).await?;
+        Ok(deleted)
+    }
+
+    /// Deletes the items of deleted generations of `queue`, in bounded steps.
     ///
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
-    pub async fn delete_queue(&self, queue: &str) -> Result<u64> {
-        let deleted = self.purge(queue, &IndexedState::ALL).await?;
-        let meta = self.keys(queue).meta;
-        self.command::<i64>(redis::cmd("DEL").arg(&meta)).await?;
-        self.unregister(queue).await?;
-        Ok(deleted)
+    pub async fn delete_trash(&self, queue: &str) -> Result<()> {
+        for _ in 0..MAX_CHUNKS {
+            let call = self.queue_call(&self.scripts().delete_trash, queue);
+            let (_, more) = count_and_more("delete_trash", self.invoke(&call).await?)?;
+            if !more {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// The ids in `state` at positions `offset..offset + count` of the state's order.
@@ -184,7 +200,8 @@ impl Store {
     }
 
     /// The stored fields of several items, in one pipelined round trip; an item that vanished
-    /// meanwhile has no fields.
+    /// meanwhile has no fields. With payloads, the list stops (after at least one item) before
+    /// the fields pass the reply budget, so a page of large items stays readable.
     ///
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
@@ -198,24 +215,25 @@ impl Store {
             // An empty pipeline is not a valid Redis request.
             return Ok(Vec::new());
         }
-        let k = self.keys(queue);
+        let prefix = self.item_prefix(queue).await?;
         let mut pipe = redis::pipe();
         for id in ids {
             if with_payloads {
-                pipe.cmd("HGETALL").arg(k.item(id));
+                pipe.cmd("HGETALL").arg(format!("{prefix}{id}"));
             } else {
                 pipe.cmd("HMGET")
-                    .arg(k.item(id))
+                    .arg(format!("{prefix}{id}"))
                     .arg(&FIELDS_WITHOUT_PAYLOADS);
             }
         }
         let replies: Vec<Value> = self.pipeline(&pipe).await?;
-        replies
-            .into_iter()
-            .map(|value| {
-                if with_payloads {
-                    return reply::pairs("item", value);
-                }
+        let budget = self.config().max_reply_bytes;
+        let mut used = 0usize;
+        let mut items = Vec::with_capacity(replies.len());
+        for (value, id) in replies.into_iter().zip(ids) {
+            let fields = if with_payloads {
+                reply::pairs("item", value)?
+            } else {
                 let values = reply::array("item fields", value)?;
                 FIELDS_WITHOUT_PAYLOADS
                     .iter()
@@ -227,9 +245,20 @@ impl Store {
                             Err(e) => Some(Err(e)),
                         },
                     )
-                    .collect()
-            })
-            .collect()
+                    .collect::<Result<Vec<_>>>()?
+            };
+            let size = fields
+                .iter()
+                .map(|(field, value)| field.len() + value.len() + FIELD_REPLY_OVERHEAD)
+                .sum::<usize>()
+                + 2 * id.len();
+            if !items.is_empty() && used.saturating_add(size) > budget {
+                break;
+            }
+            used = used.saturating_add(size);
+            items.push(fields);
+        }
+        Ok(items)
     }
 }
 

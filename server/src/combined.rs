@@ -21,7 +21,7 @@ pub(crate) type CompleteLine = Coalescer<String, Vec<(LeaseId, Bytes)>, Vec<bool
 impl Store {
     /// Leases up to `max_items` items for `lease`, in one script call with the other Lease
     /// calls on `queue` (and the same duration) that arrive while one is in flight. Items go
-    /// to the callers in arrival order, each up to its `max_items`.
+    /// to the callers in arrival order, each up to its `max_items` and the reply budget.
     ///
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
@@ -41,12 +41,10 @@ impl Store {
                 move |(queue, _), wanted: Vec<u32>| {
                     let store = Arc::clone(&store);
                     async move {
-                        let total = wanted.iter().sum();
                         // A per-call random base makes every grant's token unique across calls
                         // and replicas.
                         let token_base = format!("{:016x}.", rand::random::<u64>());
-                        let batch = store.lease(&queue, total, lease, &token_base).await?;
-                        Ok(share_out(batch, &wanted))
+                        store.lease_many(&queue, &wanted, lease, &token_base).await
                     }
                 },
             )
@@ -106,36 +104,9 @@ fn completion_weight(
     completions.len().saturating_add(bytes_weight)
 }
 
-/// Splits one script call's grants among the callers that asked for `wanted` items each, in
-/// order; the queue-wide figures go to everyone.
-fn share_out(mut batch: LeaseBatch, wanted: &[u32]) -> Vec<LeaseBatch> {
-    let mut items = std::mem::take(&mut batch.items).into_iter();
-    wanted
-        .iter()
-        .map(|&want| LeaseBatch {
-            items: items.by_ref().take(want as usize).collect(),
-            ..batch.clone()
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Granted;
-
-    fn granted(id: &str) -> Granted {
-        Granted {
-            id: id.into(),
-            token: format!("t-{id}"),
-            payload: Bytes::new(),
-            attempts_ended: 0,
-            max_attempts: 5,
-            priority: 0,
-            enqueue_ms: 0,
-            headers: None,
-        }
-    }
 
     #[test]
     fn completions_weigh_their_count_and_their_bytes() {
@@ -148,24 +119,5 @@ mod tests {
         assert_eq!(completion_weight(&small, 1000, 4 << 20), 3);
         let large = vec![(lease, Bytes::from(vec![0u8; 2 << 20]))];
         assert_eq!(completion_weight(&large, 1000, 4 << 20), 1 + 500);
-    }
-
-    #[test]
-    fn grants_go_to_callers_in_order_up_to_what_each_asked() {
-        let batch = LeaseBatch {
-            now_ms: 1,
-            expire_ms: 2,
-            drained: false,
-            next_due_ms: None,
-            ready_left: 0,
-            items: ["a", "b", "c", "d"].into_iter().map(granted).collect(),
-        };
-        let shares = share_out(batch, &[1, 2, 3, 1]);
-        let ids: Vec<Vec<&str>> = shares
-            .iter()
-            .map(|s| s.items.iter().map(|i| i.id.as_str()).collect())
-            .collect();
-        assert_eq!(ids, [vec!["a"], vec!["b", "c"], vec!["d"], vec![]]);
-        assert!(shares.iter().all(|s| s.expire_ms == 2));
     }
 }

@@ -122,6 +122,24 @@ pub struct BrokerConfig {
     #[arg(long, env = "WQ_COMPLETED_RETENTION", default_value = "0s", value_parser = humantime::parse_duration)]
     pub completed_retention: Duration,
 
+    /// How long the id of a finished item (completed or dead and dropped) stays known, so that
+    /// a retried Enqueue of it within this window is reported as a duplicate instead of adding
+    /// it again (0 = not at all; a retained completed item is known while it is kept).
+    #[arg(long, env = "WQ_DEDUP_WINDOW", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub dedup_window: Duration,
+
+    /// How long a queue that holds nothing (no items, dead letters, remembered ids or flags)
+    /// keeps its counters before it is forgotten and leaves ListQueues (0 = never).
+    #[arg(long, env = "WQ_QUEUE_IDLE_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub queue_idle_ttl: Duration,
+
+    /// Reply budget of a Lease grant and of a ListItems page with payloads, in bytes: items stop
+    /// before the reply would pass it (the first item always goes). The default is gRPC's usual
+    /// 4 MiB receive limit, so clients in any language with default settings can read every
+    /// reply.
+    #[arg(long, env = "WQ_MAX_REPLY_BYTES", default_value_t = 4 << 20)]
+    pub max_reply_bytes: usize,
+
     /// Most dead letters kept per queue; the oldest are dropped first (0 = no bound).
     #[arg(long, env = "WQ_DEAD_MAX_COUNT", default_value_t = 10_000)]
     pub dead_max_count: u64,
@@ -212,7 +230,17 @@ impl Default for BrokerConfig {
     }
 }
 
+/// Reply bytes a leased item takes besides its payload, headers and id (lease id framing, times,
+/// counters), rounded up: the estimate behind `--max-reply-bytes`.
+pub const REPLY_BYTES_PER_ITEM: usize = 256;
+
 impl BrokerConfig {
+    /// How long finished ids stay known: the dedup window, or the completed-item retention when
+    /// that is longer (a retained item is known anyway, and its id indexes it for DeleteQueue).
+    pub fn finished_ids_kept(&self) -> Duration {
+        self.dedup_window.max(self.completed_retention)
+    }
+
     /// Checks values that clap cannot check alone.
     ///
     /// # Errors
@@ -246,6 +274,22 @@ impl BrokerConfig {
         }
         if self.max_waiting_leases == 0 || self.max_redis_in_flight == 0 {
             return Err("--max-waiting-leases and --max-redis-in-flight must be at least 1".into());
+        }
+        if self.max_reply_bytes == 0 || self.max_reply_bytes > self.max_message_bytes {
+            return Err("--max-reply-bytes must be > 0 and <= --max-message-bytes".into());
+        }
+        // One item with the largest payload and headers must fit a message, or it could be
+        // enqueued but never leased.
+        let largest_item = self
+            .max_payload_bytes
+            .saturating_add(self.max_header_bytes.saturating_mul(2))
+            .saturating_add(REPLY_BYTES_PER_ITEM + 5 * crate::validate::MAX_NAME_BYTES);
+        if largest_item > self.max_message_bytes {
+            return Err(format!(
+                "--max-message-bytes ({}) must hold one item of --max-payload-bytes plus \
+                 --max-header-bytes and overhead ({largest_item} bytes)",
+                self.max_message_bytes
+            ));
         }
         // A Semaphore holds at most this many permits.
         let most = tokio::sync::Semaphore::MAX_PERMITS;

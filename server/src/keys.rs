@@ -17,7 +17,19 @@ pub struct QueueKeys {
     pub dead: String,
     /// Hash of the queue's counters and flags.
     pub meta: String,
-    /// Prefix of the item hashes: the item key is this followed by the item id.
+    /// Sorted set of finished ids by finish time: the ids still known for deduplication, and
+    /// the index of retained completed items.
+    pub done: String,
+    /// Sorted set of the ready set's priority bands by the enqueue time of each band's oldest
+    /// item, so the oldest ready item is one lookup.
+    pub heads: String,
+    /// Set of item generations of deleted incarnations whose items are still being deleted.
+    pub trash: String,
+    /// Base of the item keys, followed by the item generation, `:` and the item id (see
+    /// `lua/lib.lua`).
+    pub item_base: String,
+    /// Prefix of the item hashes of generation 0 (a queue never deleted): the item key is this
+    /// followed by the item id.
     pub item_prefix: String,
 }
 
@@ -31,19 +43,52 @@ impl QueueKeys {
             leased: format!("{base}:leased"),
             dead: format!("{base}:dead"),
             meta: format!("{base}:meta"),
+            done: format!("{base}:done"),
+            heads: format!("{base}:heads"),
+            trash: format!("{base}:trash"),
+            item_base: format!("{base}:i"),
             item_prefix: format!("{base}:i:"),
         }
     }
 
-    /// The hash of one item.
+    /// The keys every queue script gets, in the order `lua/lib.lua` documents.
+    pub fn script_keys(&self) -> [&str; 8] {
+        [
+            &self.ready,
+            &self.delayed,
+            &self.leased,
+            &self.dead,
+            &self.meta,
+            &self.done,
+            &self.heads,
+            &self.trash,
+        ]
+    }
+
+    /// The prefix of the item hashes of `generation` (the meta field `g`).
+    pub fn item_prefix_of(&self, generation: u64) -> String {
+        if generation == 0 {
+            self.item_prefix.clone()
+        } else {
+            format!("{}{generation}:", self.item_base)
+        }
+    }
+
+    /// The hash of one item of generation 0.
     pub fn item(&self, id: &str) -> String {
         format!("{}{id}", self.item_prefix)
     }
 }
 
-/// The set of every queue name ever used, which the reaper walks. It holds no queue's hash tag:
-/// it is written with its own command, never from inside a queue's script.
-pub fn queue_registry(prefix: &str) -> String {
+/// The queue index: a sorted set of queue names scored by when each next needs the reaper
+/// (Unix ms). Every queue that holds anything is in it; ListQueues reads it. It holds no queue's
+/// hash tag: it is written with its own commands, never from inside a queue's script.
+pub fn queue_index(prefix: &str) -> String {
+    format!("{prefix}:queues:due")
+}
+
+/// The set of queue names that brokers before the queue index kept; read once to migrate.
+pub fn legacy_queue_registry(prefix: &str) -> String {
     format!("{prefix}:queues")
 }
 
@@ -59,15 +104,11 @@ mod tests {
     #[test]
     fn every_queue_key_shares_the_queue_hash_tag() {
         let keys = QueueKeys::new("wq", "job2");
-        for key in [
-            &keys.ready,
-            &keys.delayed,
-            &keys.leased,
-            &keys.dead,
-            &keys.meta,
-        ] {
+        for key in keys.script_keys() {
             assert!(key.starts_with("wq:{job2}:"), "{key}");
         }
         assert_eq!(keys.item("a{b}"), "wq:{job2}:i:a{b}");
+        assert_eq!(keys.item_prefix_of(0), "wq:{job2}:i:");
+        assert_eq!(keys.item_prefix_of(3), "wq:{job2}:i3:");
     }
 }

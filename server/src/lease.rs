@@ -4,8 +4,9 @@
 //! notification (see [`crate::notify`]), the due time of the earliest delayed item, the
 //! caller's deadline, broker shutdown or (when configured) its own re-check, whichever comes
 //! first, and tries again. A lost notification is made up for by the reaper, per queue.
-//! With `return_if_drained` it also returns, empty, as soon as the queue is drained; scripts
-//! announce the moment a queue drains, so such a waiter hears of it at once.
+//! With `return_if_drained` it also returns, empty, as soon as the queue is drained, and with
+//! `return_if_sealed_and_drained` as soon as it is sealed and drained; scripts announce the
+//! moment a queue drains (and sealing a drained queue), so such a waiter hears of it at once.
 //! Each script call runs in its own task: if the caller goes away while items are being leased
 //! for it, the task gives them back at once instead of leaving them to expire.
 
@@ -37,6 +38,21 @@ pub struct LeaseCall {
     pub max_wait: Duration,
     /// End the wait when the queue is drained.
     pub return_if_drained: bool,
+    /// End the wait when the queue is sealed and drained.
+    pub return_if_sealed_and_drained: bool,
+}
+
+impl LeaseCall {
+    /// Whether this call ends its wait on `batch`'s drain news.
+    fn ends_on(&self, batch: &LeaseBatch) -> bool {
+        batch.drained
+            && (self.return_if_drained || (self.return_if_sealed_and_drained && batch.sealed))
+    }
+
+    /// Whether drain announcements concern this call.
+    fn hears_drains(&self) -> bool {
+        self.return_if_drained || self.return_if_sealed_and_drained
+    }
 }
 
 /// Leases with waiting, as described in the module docs.
@@ -66,7 +82,7 @@ pub async fn lease_or_wait(
 
         let batch = lease_once(store, call).await?;
         let now = Instant::now();
-        let drained_news = call.return_if_drained && batch.drained;
+        let drained_news = call.ends_on(&batch);
         if !batch.items.is_empty() || now >= deadline || shutdown.is_cancelled() || drained_news {
             if batch.ready_left > 0 {
                 // More work is ready: pass the baton to the next local waiter.
@@ -94,7 +110,7 @@ pub async fn lease_or_wait(
         }
         tokio::select! {
             () = &mut notified => {}
-            () = &mut drained, if call.return_if_drained => {}
+            () = &mut drained, if call.hears_drains() => {}
             () = tokio::time::sleep_until(wake_at) => {}
             () = shutdown.cancelled() => {}
         }

@@ -9,8 +9,10 @@
 //! - [`service`]: the `wq.v1.WorkQueueService` handlers (validate, call the store, respond).
 //! - [`admin`], [`admin_store`]: the `wq.v1.QueueAdminService` handlers and their Redis side.
 //! - [`validate`]: request checks; errors name the field.
-//! - [`lease`]: Lease's waiting and release-on-cancel logic.
-//! - [`store`], [`scripts`], [`keys`], [`reply`]: Redis access, one method per Lua script.
+//! - [`lease`]: Lease's waiting and release-on-cancel logic; [`delivery`]: release of items
+//!   whose Lease reply was not delivered.
+//! - [`store`], [`scripts`], [`keys`], [`reply`]: Redis access, one method per Lua script;
+//!   [`index`]: the queue index that tells the reaper which queues need it when.
 //! - [`lease_id`]: the opaque lease handle; [`model`]: the data the store takes and returns.
 //! - [`notify`], [`reaper`], [`health`]: the background tasks.
 //! - [`error`]: the error enum and its gRPC mapping.
@@ -23,9 +25,11 @@ pub mod auth;
 mod coalesce;
 pub mod combined;
 pub mod config;
+pub mod delivery;
 pub mod dev;
 pub mod error;
 pub mod health;
+pub mod index;
 pub mod keys;
 pub mod lease;
 pub mod lease_id;
@@ -183,6 +187,7 @@ pub async fn serve(
             error::message_limit_as_resource_exhausted,
         ))
         .layer(tower::util::option_layer(gate))
+        .layer(tower::util::MapResponseLayer::new(delivery::guard_replies))
         .add_service(health_service)
         .add_optional_service(with_reflection.then_some(reflection_v1))
         .add_optional_service(with_reflection.then_some(reflection_v1alpha))

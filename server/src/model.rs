@@ -67,6 +67,8 @@ pub struct LeaseBatch {
     pub next_due_ms: Option<i64>,
     /// Ready items left after the call.
     pub ready_left: u64,
+    /// The queue accepts no more items.
+    pub sealed: bool,
     /// The granted items.
     pub items: Vec<Granted>,
 }
@@ -76,8 +78,8 @@ pub struct LeaseBatch {
 pub enum FailOutcome {
     /// The lease was not live; nothing changed.
     LeaseLost,
-    /// Ready again at once.
-    Ready,
+    /// Ready again at once, at this Unix ms.
+    Ready(i64),
     /// Retried at this Unix ms.
     Delayed(i64),
     /// Moved to the dead letters.
@@ -111,6 +113,8 @@ pub struct QueueSnapshot {
     pub sealed: bool,
     /// Enqueue time of the longest-waiting ready item, Unix ms.
     pub oldest_ready_enqueue_ms: Option<i64>,
+    /// The queue holds anything: items, dead letters, remembered ids, flags or counters.
+    pub exists: bool,
 }
 
 /// What one reaper step did.
@@ -130,4 +134,10 @@ pub struct ReapOutcome {
     pub drained: bool,
     /// The queue is paused: it grants nothing.
     pub paused: bool,
+    /// When the queue next needs the reaper, Unix ms (None: not unless something changes).
+    pub next_ms: Option<i64>,
+    /// The queue held nothing for the idle expiry and was forgotten.
+    pub expired: bool,
+    /// Items of a deleted incarnation are still to be deleted.
+    pub trash: bool,
 }

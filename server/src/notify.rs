@@ -53,6 +53,18 @@ impl Notifier {
         self.queues.lock().ok()?.get(queue).and_then(Weak::upgrade)
     }
 
+    /// The queues some Lease call of this process waits on.
+    pub fn waited_queues(&self) -> Vec<String> {
+        match self.queues.lock() {
+            Ok(queues) => queues
+                .iter()
+                .filter(|(_, weak)| weak.strong_count() > 0)
+                .map(|(name, _)| name.clone())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// True when some Lease call of this process waits on `queue`.
     pub fn has_waiters(&self, queue: &str) -> bool {
         self.get(queue).is_some()

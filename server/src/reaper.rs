@@ -1,17 +1,32 @@
-//! The background reaper that runs in every broker replica: at every interval it visits every
-//! known queue, reclaims expired leases, promotes due delayed items and trims dead letters, in
-//! bounded script calls. Several replicas reaping at once is safe: each step is one atomic script.
+//! The background reaper that runs in every broker replica. At every interval it claims the
+//! queues whose pass is due in the queue index (see [`crate::index`]): expired leases to
+//! reclaim, delayed items to promote, dead letters and remembered ids past their bounds, deleted
+//! items still to delete, idle queues to forget. Queues with nothing due cost it nothing. A claim
+//! keeps other replicas off the queue meanwhile, and each step is one atomic script anyway.
+//!
 //! It is also the safety net for lost wake-up notifications (see [`crate::notify`]): waiting
-//! Lease calls do not poll Redis themselves.
+//! Lease calls do not poll Redis themselves, so every few rounds the queues with waiters in this
+//! process get a pass too.
 
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{notify::Notifier, store::Store};
+use crate::{error::Result, notify::Notifier, store::Store};
 
-/// Most bounded steps one queue gets per round, so one huge backlog cannot starve the others.
-const MAX_STEPS_PER_ROUND: usize = 20;
+/// Most bounded steps one queue gets per visit, so one huge backlog cannot starve the others.
+const MAX_STEPS_PER_VISIT: usize = 20;
+
+/// Most due queues claimed per round; the rest wait for the next round.
+const MAX_QUEUES_PER_ROUND: usize = 1000;
+
+/// How long a queue whose visit failed waits for the next try, in ms: a queue that keeps
+/// failing (a key of the wrong type, say) must not cost a script every round.
+const RETRY_FAILED_VISIT_MS: i64 = 5_000;
+
+/// Every this many rounds, queues with waiters in this process get a pass (the safety net for
+/// lost notifications: 5 s at the default 500 ms interval).
+const WAITER_CHECK_ROUNDS: u64 = 10;
 
 /// Runs the reaper until `stop`.
 pub async fn run(
@@ -23,12 +38,24 @@ pub async fn run(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
-    loop {
+    let mut migrated = false;
+    for round in 0u64.. {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match round(&store, &notifier).await {
+        if !migrated {
+            match store.migrate_legacy_registry().await {
+                Ok(0) => migrated = true,
+                Ok(count) => {
+                    tracing::info!(count, "moved the old queue registry into the queue index");
+                    migrated = true;
+                }
+                Err(error) => tracing::debug!(%error, "queue registry migration failed"),
+            }
+        }
+        let with_waiters = round % WAITER_CHECK_ROUNDS == 0;
+        match run_round(&store, &notifier, with_waiters).await {
             Ok(()) if failing => {
                 tracing::info!("reaper recovered");
                 failing = false;
@@ -43,36 +70,64 @@ pub async fn run(
     }
 }
 
-async fn round(store: &Store, notifier: &Notifier) -> crate::error::Result<()> {
-    // Costs at most one SADD per active queue per round, and heals a registry entry that
-    // another replica's DeleteQueue removed while this one kept enqueueing.
-    store.forget_registrations();
-    for queue in store.known_queues().await? {
-        for _ in 0..MAX_STEPS_PER_ROUND {
-            let outcome = store.reap(&queue).await?;
-            if outcome.reclaimed + outcome.promoted + outcome.dropped > 0 {
-                tracing::debug!(
-                    queue = %queue,
-                    reclaimed = outcome.reclaimed,
-                    promoted = outcome.promoted,
-                    dropped = outcome.dropped,
-                    "reaped"
-                );
-            }
-            // The safety net for lost notifications, one script call per queue and round
-            // however many Lease calls wait: local waiters of a queue with leasable items look
-            // again, and those that return on a drained queue hear that it is.
-            if notifier.has_waiters(&queue) {
-                if outcome.ready > 0 && !outcome.paused {
-                    notifier.wake(&queue, outcome.ready);
-                } else if outcome.drained {
-                    notifier.wake(&queue, 0);
-                }
-            }
-            if !outcome.more {
-                break;
+/// One round: the due queues, and (when `with_waiters`) the queues this process has waiters on.
+/// A queue whose visit fails is logged and left for its next visit; the round goes on.
+async fn run_round(store: &Store, notifier: &Notifier, with_waiters: bool) -> Result<()> {
+    let mut queues = store.claim_due(MAX_QUEUES_PER_ROUND).await?;
+    if with_waiters {
+        for queue in notifier.waited_queues() {
+            if !queues.contains(&queue) {
+                queues.push(queue);
             }
         }
     }
+    for queue in queues {
+        if let Err(error) = visit(store, notifier, &queue).await {
+            tracing::warn!(queue = %queue, %error, "reaping a queue failed; it is visited again");
+            // If Redis is down this fails too, and the claim's period stands.
+            let retry = store.local_now_ms().saturating_add(RETRY_FAILED_VISIT_MS);
+            let _ = store.schedule(&queue, retry).await;
+        }
+    }
     Ok(())
+}
+
+async fn visit(store: &Store, notifier: &Notifier, queue: &str) -> Result<()> {
+    for _ in 0..MAX_STEPS_PER_VISIT {
+        let outcome = store.reap(queue).await?;
+        if outcome.reclaimed + outcome.promoted + outcome.dropped > 0 {
+            tracing::debug!(
+                queue = %queue,
+                reclaimed = outcome.reclaimed,
+                promoted = outcome.promoted,
+                dropped = outcome.dropped,
+                "reaped"
+            );
+        }
+        // The safety net for lost notifications, one script call per queue and visit however
+        // many Lease calls wait: local waiters of a queue with leasable items look again, and
+        // those that return on a drained queue hear that it is.
+        if notifier.has_waiters(queue) {
+            if outcome.ready > 0 && !outcome.paused {
+                notifier.wake(queue, outcome.ready);
+            } else if outcome.drained {
+                notifier.wake(queue, 0);
+            }
+        }
+        if outcome.trash {
+            store.delete_trash(queue).await?;
+        }
+        if outcome.expired {
+            tracing::debug!(queue = %queue, "forgot an idle queue");
+            return store.unindex(queue).await;
+        }
+        if !outcome.more && !outcome.trash {
+            if let Some(next) = outcome.next_ms {
+                store.schedule(queue, next).await?;
+            }
+            return Ok(());
+        }
+    }
+    // Steps left over: due again at once.
+    store.schedule(queue, store.local_now_ms()).await
 }

@@ -1,11 +1,13 @@
 //! The Lua scripts, one per operation (`server/lua/*.lua`), loaded once per process.
 //!
-//! Each script that moves items between states is `lua/lib.lua` followed by the operation's own
+//! Each script of one queue is `lua/lib.lua` followed by the operation's own
 //! file, so the shared helpers exist once in the source and every operation is still a single
 //! atomic EVALSHA. redis-rs loads a script on its first NOSCRIPT reply, so a restarted or
 //! failed-over Redis needs no special handling.
 
-use redis::Script;
+use redis::{Script, ScriptInvocation};
+
+use crate::{config::BrokerConfig, keys::QueueKeys};
 
 macro_rules! script_with_lib {
     ($file:literal) => {
@@ -42,6 +44,12 @@ pub struct Scripts {
     pub requeue_dead: Script,
     /// `lua/purge.lua`
     pub purge: Script,
+    /// `lua/delete_queue.lua`
+    pub delete_queue: Script,
+    /// `lua/delete_trash.lua`
+    pub delete_trash: Script,
+    /// `lua/due.lua` (a global script: no lib, no queue keys)
+    pub due: Script,
 }
 
 impl Scripts {
@@ -59,6 +67,9 @@ impl Scripts {
             set_flag: script_with_lib!("set_flag.lua"),
             requeue_dead: script_with_lib!("requeue_dead.lua"),
             purge: script_with_lib!("purge.lua"),
+            delete_queue: script_with_lib!("delete_queue.lua"),
+            delete_trash: script_with_lib!("delete_trash.lua"),
+            due: Script::new(include_str!("../lua/due.lua")),
         }
     }
 }
@@ -67,4 +78,33 @@ impl Default for Scripts {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// Starts a call of one queue's script with the keys and leading arguments every such script
+/// takes (see the header of `lua/lib.lua`); the operation's own arguments follow.
+pub fn queue_invocation<'a>(
+    script: &'a Script,
+    keys: &QueueKeys,
+    channel: &str,
+    queue: &str,
+    config: &BrokerConfig,
+) -> ScriptInvocation<'a> {
+    let mut call = script.prepare_invoke();
+    for key in keys.script_keys() {
+        call.key(key);
+    }
+    call.arg(&keys.item_base)
+        .arg(channel)
+        .arg(queue)
+        .arg(millis(config.finished_ids_kept()))
+        .arg(config.reap_batch)
+        .arg(config.dead_max_count)
+        .arg(millis(config.dead_max_age))
+        .arg(millis(config.queue_idle_ttl));
+    call
+}
+
+/// A duration in whole milliseconds, saturating.
+pub fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }

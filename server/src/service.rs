@@ -13,6 +13,7 @@ use wq_proto::v1::{self as pb, work_queue_service_server::WorkQueueService};
 use crate::{
     auth::admit,
     config::BrokerConfig,
+    delivery::Undelivered,
     error::{Error, Result},
     lease::{self, LeaseCall},
     lease_id::LeaseId,
@@ -227,6 +228,7 @@ impl Broker {
             lease,
             max_wait,
             return_if_drained: request.return_if_drained,
+            return_if_sealed_and_drained: request.return_if_sealed_and_drained,
         };
         let batch = lease::lease_or_wait(
             &self.store,
@@ -237,7 +239,16 @@ impl Broker {
         )
         .await?;
         tracing::debug!(count = batch.items.len(), drained = batch.drained, "leased");
-        let items = batch
+        let granted: Vec<LeaseId> = batch
+            .items
+            .iter()
+            .map(|item| LeaseId {
+                queue: call.queue.clone(),
+                item_id: item.id.clone(),
+                token: item.token.clone(),
+            })
+            .collect();
+        let items: Vec<pb::LeasedItem> = batch
             .items
             .into_iter()
             .map(|item| pb::LeasedItem {
@@ -252,10 +263,19 @@ impl Broker {
                 id: item.id,
             })
             .collect();
-        Ok(Response::new(pb::LeaseResponse {
+        let mut response = Response::new(pb::LeaseResponse {
             items,
             drained: batch.drained,
-        }))
+            sealed: batch.sealed,
+        });
+        if !granted.is_empty() {
+            response.extensions_mut().insert(Undelivered::new(
+                Arc::clone(&self.store),
+                call.queue.clone(),
+                granted,
+            ));
+        }
+        Ok(response)
     }
 
     async fn extend_lease_call(
@@ -329,7 +349,7 @@ impl Broker {
         tracing::debug!(?outcome, "failed attempt");
         let (state, next_ms) = match outcome {
             FailOutcome::LeaseLost => (pb::ItemState::Unspecified, None),
-            FailOutcome::Ready => (pb::ItemState::Ready, None),
+            FailOutcome::Ready(at) => (pb::ItemState::Ready, Some(at)),
             FailOutcome::Delayed(at) => (pb::ItemState::Delayed, Some(at)),
             FailOutcome::Dead => (pb::ItemState::Dead, None),
         };

@@ -6,12 +6,7 @@
 //! already keeps Redis busier than a pool does (see `../shared/notes/ecosystem.md`). Every call is
 //! bounded by the configured Redis timeout and fails with UNAVAILABLE past it.
 
-use std::{
-    collections::HashSet,
-    future::Future,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use redis::{Value, aio::ConnectionManager};
@@ -24,15 +19,12 @@ use crate::{
     keys::{self, QueueKeys},
     lease_id::LeaseId,
     reply,
-    scripts::Scripts,
+    scripts::{Scripts, millis, queue_invocation},
 };
 
 pub use crate::model::{
     Due, FailOutcome, Granted, LeaseBatch, NewItem, QueueSnapshot, ReapOutcome,
 };
-
-/// Most priority bands QueueState inspects to find the oldest ready item.
-const OLDEST_READY_BANDS: u32 = 16;
 
 /// The broker's handle on Redis. Cheap to share behind an `Arc`.
 #[derive(Debug)]
@@ -41,9 +33,8 @@ pub struct Store {
     scripts: Scripts,
     config: Arc<BrokerConfig>,
     channel: String,
-    registry: String,
-    /// Queues this process has already added to the registry, to skip the SADD on hot paths.
-    registered: Mutex<HashSet<String>>,
+    /// The queue index (see [`keys::queue_index`]).
+    pub(crate) index: String,
     /// Bounds the Redis calls in flight, so a slow Redis cannot pile up unbounded work here.
     in_flight: Semaphore,
     /// Lease calls waiting to be combined (see [`crate::combined`]).
@@ -71,12 +62,11 @@ impl Store {
             conn,
             scripts: Scripts::new(),
             channel: keys::notify_channel(&config.key_prefix),
-            registry: keys::queue_registry(&config.key_prefix),
+            index: keys::queue_index(&config.key_prefix),
             in_flight: Semaphore::new(config.max_redis_in_flight),
             lease_line: Arc::new(LeaseLine::new(config.max_lease_items as usize)),
             complete_line: Arc::new(CompleteLine::new(config.max_batch)),
             config,
-            registered: Mutex::new(HashSet::new()),
         })
     }
 
@@ -151,50 +141,19 @@ impl Store {
         Ok(())
     }
 
-    pub(crate) async fn register(&self, queue: &str) -> Result<()> {
-        let known = self
-            .registered
-            .lock()
-            .map(|set| set.contains(queue))
-            .unwrap_or(false);
-        if known {
-            return Ok(());
-        }
-        let _: i64 = self
-            .command(redis::cmd("SADD").arg(&self.registry).arg(queue))
-            .await?;
-        if let Ok(mut set) = self.registered.lock() {
-            set.insert(queue.to_owned());
-        }
-        Ok(())
-    }
-
-    /// Forgets which queues this process has registered, so the next enqueue to each registers
-    /// it again: another replica may have deleted a queue (and its registry entry) meanwhile.
-    pub fn forget_registrations(&self) {
-        if let Ok(mut set) = self.registered.lock() {
-            set.clear();
-        }
-    }
-
-    /// Removes a deleted queue from the registry.
-    pub(crate) async fn unregister(&self, queue: &str) -> Result<()> {
-        if let Ok(mut set) = self.registered.lock() {
-            set.remove(queue);
-        }
-        let _: i64 = self
-            .command(redis::cmd("SREM").arg(&self.registry).arg(queue))
-            .await?;
-        Ok(())
-    }
-
-    /// Every queue ever used (the reaper's round).
-    ///
-    /// # Errors
-    /// UNAVAILABLE when Redis does not answer.
-    pub async fn known_queues(&self) -> Result<Vec<String>> {
-        self.command(redis::cmd("SMEMBERS").arg(&self.registry))
-            .await
+    /// Starts a call of one of `queue`'s scripts with the keys and arguments they all take.
+    pub(crate) fn queue_call<'a>(
+        &self,
+        script: &'a redis::Script,
+        queue: &str,
+    ) -> redis::ScriptInvocation<'a> {
+        queue_invocation(
+            script,
+            &self.keys(queue),
+            &self.channel,
+            queue,
+            &self.config,
+        )
     }
 
     /// Enqueues a validated batch; returns the duplicate flag of each item.
@@ -202,22 +161,24 @@ impl Store {
     /// # Errors
     /// FAILED_PRECONDITION when the queue is sealed; UNAVAILABLE when Redis does not answer.
     pub async fn enqueue(&self, queue: &str, items: &[NewItem]) -> Result<Vec<bool>> {
-        self.register(queue).await?;
-        let k = self.keys(queue);
-        let mut call = self.scripts.enqueue.key(&k.ready);
-        call.key(&k.delayed)
-            .key(&k.meta)
-            .key(&k.leased)
-            .arg(&k.item_prefix)
-            .arg(&self.channel)
-            .arg(queue)
-            .arg(items.len())
-            .arg(self.config.max_queue_length);
+        let mut call = self.queue_call(&self.scripts.enqueue, queue);
+        call.arg(items.len()).arg(self.config.max_queue_length);
+        let now = self.local_now_ms();
+        // The queue must be in the index from its first item on (ListQueues, idle expiry), and
+        // the reaper must visit it by its earliest delayed item's due time.
+        let mut visit = now.saturating_add(self.idle_visit_ms());
         for item in items {
             let (delay_ms, not_before_ms) = match item.due {
                 Due::Now => (-1, -1),
-                Due::After(d) => (i64::try_from(d.as_millis()).unwrap_or(i64::MAX), -1),
-                Due::At(ms) => (-1, ms),
+                Due::After(d) => {
+                    let ms = i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+                    visit = visit.min(now.saturating_add(ms));
+                    (ms, -1)
+                }
+                Due::At(ms) => {
+                    visit = visit.min(ms);
+                    (-1, ms)
+                }
             };
             call.arg(&item.id)
                 .arg(item.payload.as_ref())
@@ -227,7 +188,10 @@ impl Store {
                 .arg(item.max_attempts)
                 .arg(item.headers.as_ref());
         }
-        let reply = reply::array("enqueue", self.invoke(&call).await?)?;
+        // Sent together: one round trip, and no moment where the items exist unindexed.
+        let (reply, scheduled) = tokio::join!(self.invoke(&call), self.schedule(queue, visit));
+        scheduled?;
+        let reply = reply::array("enqueue", reply?)?;
         let (status, flags) = reply
             .split_first()
             .ok_or_else(|| Error::Internal("empty enqueue reply".into()))?;
@@ -255,8 +219,70 @@ impl Store {
         Ok(flags)
     }
 
-    /// Leases up to `max_items` items for `lease` in a script call of its own; `token_base` must
-    /// be unique per call. Handlers use [`Store::lease_combined`].
+    /// Leases for several callers in one script call: up to `wanted[i]` items for caller `i`,
+    /// each caller's grant within the reply budget, for `lease`; `token_base` must be unique per
+    /// call. Handlers use [`Store::lease_combined`].
+    ///
+    /// # Errors
+    /// UNAVAILABLE when Redis does not answer.
+    pub async fn lease_many(
+        &self,
+        queue: &str,
+        wanted: &[u32],
+        lease: Duration,
+        token_base: &str,
+    ) -> Result<Vec<LeaseBatch>> {
+        let mut call = self.queue_call(&self.scripts.lease, queue);
+        call.arg(millis(lease))
+            .arg(token_base)
+            .arg(self.config.max_reply_bytes)
+            .arg(crate::config::REPLY_BYTES_PER_ITEM + 2 * queue.len())
+            .arg(wanted.len());
+        for want in wanted {
+            call.arg((*want).max(1));
+        }
+        // The reaper must visit the queue when these leases expire, should their holder vanish.
+        let expiry = self
+            .local_now_ms()
+            .saturating_add(i64::try_from(millis(lease)).unwrap_or(i64::MAX));
+        let (reply, scheduled) = tokio::join!(self.invoke(&call), self.schedule(queue, expiry));
+        let reply = reply::array("lease", reply?)?;
+        scheduled?;
+        let [now, expire, drained, next_due, ready_left, sealed, grants]: [Value; 7] = reply
+            .try_into()
+            .map_err(|_| Error::Internal("lease reply has the wrong length".into()))?;
+        let next_due = reply::int("lease next due", &next_due)?;
+        let shared = LeaseBatch {
+            now_ms: reply::int("lease now", &now)?,
+            expire_ms: reply::int("lease expiry", &expire)?,
+            drained: reply::int("lease drained", &drained)? == 1,
+            next_due_ms: (next_due > 0).then_some(next_due),
+            ready_left: reply::uint("lease ready left", &ready_left)?,
+            sealed: reply::int("lease sealed", &sealed)? == 1,
+            items: Vec::new(),
+        };
+        let batches = reply::array("lease grants", grants)?
+            .into_iter()
+            .map(|grant| {
+                let items = reply::array("lease items", grant)?
+                    .into_iter()
+                    .map(granted)
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(LeaseBatch {
+                    items,
+                    ..shared.clone()
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if batches.len() != wanted.len() {
+            return Err(Error::Internal(
+                "lease reply has the wrong grant count".into(),
+            ));
+        }
+        Ok(batches)
+    }
+
+    /// Leases up to `max_items` items for `lease` in a script call of its own.
     ///
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
@@ -267,37 +293,10 @@ impl Store {
         lease: Duration,
         token_base: &str,
     ) -> Result<LeaseBatch> {
-        let k = self.keys(queue);
-        let mut call = self.scripts.lease.key(&k.ready);
-        call.key(&k.delayed)
-            .key(&k.leased)
-            .key(&k.dead)
-            .key(&k.meta)
-            .arg(&k.item_prefix)
-            .arg(max_items)
-            .arg(millis(lease))
-            .arg(token_base)
-            .arg(self.config.reap_batch)
-            .arg(self.config.dead_max_count)
-            .arg(&self.channel)
-            .arg(queue);
-        let reply = reply::array("lease", self.invoke(&call).await?)?;
-        let [now, expire, drained, next_due, ready_left, items]: [Value; 6] = reply
-            .try_into()
-            .map_err(|_| Error::Internal("lease reply has the wrong length".into()))?;
-        let items = reply::array("lease items", items)?
-            .into_iter()
-            .map(granted)
-            .collect::<Result<Vec<_>>>()?;
-        let next_due = reply::int("lease next due", &next_due)?;
-        Ok(LeaseBatch {
-            now_ms: reply::int("lease now", &now)?,
-            expire_ms: reply::int("lease expiry", &expire)?,
-            drained: reply::int("lease drained", &drained)? == 1,
-            next_due_ms: (next_due > 0).then_some(next_due),
-            ready_left: reply::uint("lease ready left", &ready_left)?,
-            items,
-        })
+        self.lease_many(queue, &[max_items], lease, token_base)
+            .await?
+            .pop()
+            .ok_or_else(|| Error::Internal("lease reply has no grant".into()))
     }
 
     /// Extends live leases to now + `lease`; returns the new expiry (Unix ms) and which leases
@@ -311,9 +310,8 @@ impl Store {
         leases: &[LeaseId],
         lease: Duration,
     ) -> Result<(i64, Vec<bool>)> {
-        let k = self.keys(queue);
-        let mut call = self.scripts.extend_lease.key(&k.leased);
-        call.arg(&k.item_prefix).arg(millis(lease));
+        let mut call = self.queue_call(&self.scripts.extend_lease, queue);
+        call.arg(millis(lease));
         for l in leases {
             call.arg(&l.item_id).arg(&l.token);
         }
@@ -337,15 +335,8 @@ impl Store {
         queue: &str,
         completions: &[(LeaseId, Bytes)],
     ) -> Result<Vec<bool>> {
-        let k = self.keys(queue);
-        let mut call = self.scripts.complete.key(&k.leased);
-        call.key(&k.meta)
-            .key(&k.ready)
-            .key(&k.delayed)
-            .arg(&k.item_prefix)
-            .arg(millis(self.config.completed_retention))
-            .arg(&self.channel)
-            .arg(queue);
+        let mut call = self.queue_call(&self.scripts.complete, queue);
+        call.arg(millis(self.config.completed_retention));
         for (l, result) in completions {
             call.arg(&l.item_id).arg(&l.token).arg(result.as_ref());
         }
@@ -365,15 +356,9 @@ impl Store {
         retry: Option<Duration>,
         dead_letter: bool,
     ) -> Result<FailOutcome> {
-        let k = self.keys(queue);
         let jitter: f64 = rand::random();
-        let mut call = self.scripts.fail.key(&k.ready);
-        call.key(&k.delayed)
-            .key(&k.leased)
-            .key(&k.dead)
-            .key(&k.meta)
-            .arg(&k.item_prefix)
-            .arg(&lease.item_id)
+        let mut call = self.queue_call(&self.scripts.fail, queue);
+        call.arg(&lease.item_id)
             .arg(&lease.token)
             .arg(error)
             .arg(retry.map_or(-1, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)))
@@ -381,10 +366,7 @@ impl Store {
             .arg(self.config.backoff_factor)
             .arg(millis(self.config.backoff_cap))
             .arg(jitter)
-            .arg(u8::from(dead_letter))
-            .arg(self.config.dead_max_count)
-            .arg(&self.channel)
-            .arg(queue);
+            .arg(u8::from(dead_letter));
         let reply = reply::array("fail", self.invoke(&call).await?)?;
         let [ok, state, next]: [Value; 3] = reply
             .try_into()
@@ -393,9 +375,23 @@ impl Store {
             return Ok(FailOutcome::LeaseLost);
         }
         match reply::text("fail state", state)?.as_str() {
-            "r" => Ok(FailOutcome::Ready),
-            "d" => Ok(FailOutcome::Delayed(reply::int("fail next", &next)?)),
-            "x" => Ok(FailOutcome::Dead),
+            "r" => Ok(FailOutcome::Ready(reply::int("fail next", &next)?)),
+            "d" => {
+                let due = reply::int("fail next", &next)?;
+                // Waiters sleep until a notification or a due time they know of; the reaper
+                // promotes this retry on time.
+                self.schedule(queue, due).await?;
+                Ok(FailOutcome::Delayed(due))
+            }
+            "x" => {
+                // The dead letter's age bound: the reaper drops it on time.
+                if !self.config.dead_max_age.is_zero() {
+                    let age = i64::try_from(millis(self.config.dead_max_age)).unwrap_or(i64::MAX);
+                    self.schedule(queue, self.local_now_ms().saturating_add(age))
+                        .await?;
+                }
+                Ok(FailOutcome::Dead)
+            }
             other => Err(Error::Internal(format!("fail returned state {other:?}"))),
         }
     }
@@ -405,12 +401,7 @@ impl Store {
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
     pub async fn release(&self, queue: &str, leases: &[LeaseId]) -> Result<Vec<bool>> {
-        let k = self.keys(queue);
-        let mut call = self.scripts.release.key(&k.ready);
-        call.key(&k.leased)
-            .arg(&k.item_prefix)
-            .arg(&self.channel)
-            .arg(queue);
+        let mut call = self.queue_call(&self.scripts.release, queue);
         for l in leases {
             call.arg(&l.item_id).arg(&l.token);
         }
@@ -423,16 +414,9 @@ impl Store {
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
     pub async fn queue_state(&self, queue: &str) -> Result<QueueSnapshot> {
-        let k = self.keys(queue);
-        let mut call = self.scripts.queue_state.key(&k.ready);
-        call.key(&k.leased)
-            .key(&k.delayed)
-            .key(&k.dead)
-            .key(&k.meta)
-            .arg(&k.item_prefix)
-            .arg(OLDEST_READY_BANDS);
+        let call = self.queue_call(&self.scripts.queue_state, queue);
         let reply = reply::array("state", self.invoke(&call).await?)?;
-        let [ready, leased, delayed, dead, oldest, meta]: [Value; 6] = reply
+        let [ready, leased, delayed, dead, oldest, meta, exists]: [Value; 7] = reply
             .try_into()
             .map_err(|_| Error::Internal("state reply has the wrong length".into()))?;
         let mut snapshot = QueueSnapshot {
@@ -441,6 +425,7 @@ impl Store {
             delayed: reply::uint("delayed", &delayed)?,
             dead: reply::uint("dead", &dead)?,
             oldest_ready_enqueue_ms: Some(reply::int("oldest", &oldest)?).filter(|ms| *ms > 0),
+            exists: reply::int("exists", &exists)? == 1,
             ..QueueSnapshot::default()
         };
         for (field, value) in reply::pairs("meta", meta)? {
@@ -464,12 +449,24 @@ impl Store {
         Ok(snapshot)
     }
 
+    /// The prefix of `queue`'s current item keys (they change when the queue is deleted).
+    ///
+    /// # Errors
+    /// UNAVAILABLE when Redis does not answer.
+    pub async fn item_prefix(&self, queue: &str) -> Result<String> {
+        let k = self.keys(queue);
+        let generation: Option<u64> = self
+            .command(redis::cmd("HGET").arg(&k.meta).arg("g"))
+            .await?;
+        Ok(k.item_prefix_of(generation.unwrap_or(0)))
+    }
+
     /// Reads one item's hash as field/value pairs; None when the item is not stored.
     ///
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
     pub async fn get_item(&self, queue: &str, id: &str) -> Result<Option<Vec<(String, Bytes)>>> {
-        let key = self.keys(queue).item(id);
+        let key = format!("{}{id}", self.item_prefix(queue).await?);
         let value: Value = self.command(redis::cmd("HGETALL").arg(&key)).await?;
         let fields = reply::pairs("item", value)?;
         Ok((!fields.is_empty()).then_some(fields))
@@ -480,22 +477,23 @@ impl Store {
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
     pub async fn reap(&self, queue: &str) -> Result<ReapOutcome> {
-        let k = self.keys(queue);
-        let mut call = self.scripts.reap.key(&k.ready);
-        call.key(&k.delayed)
-            .key(&k.leased)
-            .key(&k.dead)
-            .key(&k.meta)
-            .arg(&k.item_prefix)
-            .arg(self.config.reap_batch)
-            .arg(self.config.dead_max_count)
-            .arg(millis(self.config.dead_max_age))
-            .arg(&self.channel)
-            .arg(queue);
+        let call = self.queue_call(&self.scripts.reap, queue);
         let reply = reply::array("reap", self.invoke(&call).await?)?;
-        let [reclaimed, promoted, dropped, ready, more, drained, paused]: [Value; 7] = reply
+        let [
+            reclaimed,
+            promoted,
+            dropped,
+            ready,
+            more,
+            drained,
+            paused,
+            next,
+            expired,
+            trash,
+        ]: [Value; 10] = reply
             .try_into()
             .map_err(|_| Error::Internal("reap reply has the wrong length".into()))?;
+        let next = reply::int("next", &next)?;
         Ok(ReapOutcome {
             reclaimed: reply::uint("reclaimed", &reclaimed)?,
             promoted: reply::uint("promoted", &promoted)?,
@@ -504,12 +502,11 @@ impl Store {
             more: reply::int("more", &more)? == 1,
             drained: reply::int("drained", &drained)? == 1,
             paused: reply::int("paused", &paused)? == 1,
+            next_ms: (next > 0).then_some(next),
+            expired: reply::int("expired", &expired)? == 1,
+            trash: reply::int("trash", &trash)? == 1,
         })
     }
-}
-
-fn millis(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 fn granted(value: Value) -> Result<Granted> {

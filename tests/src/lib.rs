@@ -341,6 +341,29 @@ pub async fn script_calls(redis: &RedisProcess) -> u64 {
         .sum()
 }
 
+/// Commands Redis has run so far, every command counted (`INFO commandstats`; commands run
+/// inside scripts included), less the INFO calls that read it.
+pub async fn redis_commands(redis: &RedisProcess) -> u64 {
+    let mut conn = redis_conn(redis).await;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut conn)
+        .await
+        .expect("INFO commandstats");
+    stats
+        .lines()
+        .filter(|line| line.starts_with("cmdstat_") && !line.starts_with("cmdstat_info:"))
+        .filter_map(|line| {
+            line.split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
+}
+
 /// Every key and value in Redis, for asserting that a rejected call changed nothing.
 pub async fn redis_dump(redis: &RedisProcess) -> Vec<(String, Vec<u8>)> {
     let mut conn = redis_conn(redis).await;

@@ -106,7 +106,7 @@ pub(crate) async fn heartbeat(
         }
         let due = in_work.to_extend();
         let ids: Vec<String> = due.iter().map(|(id, _)| id.clone()).collect();
-        let (results, error) = chunked::send(ids, &mut chunk_size, |chunk| {
+        let (results, error) = chunked::send(ids, &mut chunk_size, String::len, |chunk| {
             client.extend_lease(&queue, chunk, lease)
         })
         .await;

@@ -199,9 +199,12 @@ pub(crate) async fn complete_in_batches(
         }
         let (completions, replies): (Vec<_>, Vec<_>) =
             batch.into_iter().map(|p| (p.completion, p.reply)).unzip();
-        let (results, error) = chunked::send(completions, &mut call_size, |chunk| {
-            client.complete(&queue, chunk)
-        })
+        let (results, error) = chunked::send(
+            completions,
+            &mut call_size,
+            |c: &pb::Completion| c.lease_id.len() + c.result.len(),
+            |chunk| client.complete(&queue, chunk),
+        )
         .await;
         let mut replies = replies.into_iter();
         for (reply, result) in replies.by_ref().zip(results) {

@@ -176,8 +176,11 @@ impl Worker {
                 max_wait: Some(duration(self.config.max_wait)),
                 worker_id: self.config.worker_id.clone(),
                 // A worker that may exit hears of a drained queue at once instead of after
-                // a full wait.
-                return_if_drained: self.config.exit != ExitPolicy::Forever,
+                // a full wait; one that exits only once the queue is also sealed keeps waiting
+                // on a drained, unsealed queue (asking again at once would spin) until an
+                // enqueue or the seal wakes it.
+                return_if_drained: self.config.exit == ExitPolicy::Drained,
+                return_if_sealed_and_drained: self.config.exit == ExitPolicy::Sealed,
             };
             let asked = request.max_items;
             let reply = tokio::select! {
@@ -253,14 +256,12 @@ impl Worker {
                     tracing::info!(queue = %queue, "queue drained, exiting");
                     return summary;
                 }
-                ExitPolicy::Sealed => match self.client.queue_state(queue).await {
-                    Ok(state) if state.sealed && state.drained => {
-                        tracing::info!(queue = %queue, "queue sealed and drained, exiting");
-                        return summary;
-                    }
-                    Ok(_) => {}
-                    Err(error) => tracing::warn!(%error, "cannot read the queue state"),
-                },
+                ExitPolicy::Sealed if reply.sealed => {
+                    tracing::info!(queue = %queue, "queue sealed and drained, exiting");
+                    return summary;
+                }
+                // Drained but not sealed: the next Lease waits for an enqueue or the seal.
+                ExitPolicy::Sealed => {}
             }
         }
 
@@ -298,7 +299,7 @@ impl Worker {
         }
         let mut call_size = MAX_COMPLETE_BATCH;
         let count = unfinished.len();
-        let (results, error) = chunked::send(unfinished, &mut call_size, |chunk| {
+        let (results, error) = chunked::send(unfinished, &mut call_size, String::len, |chunk| {
             self.client.release(&self.config.queue, chunk)
         })
         .await;

@@ -351,7 +351,7 @@ async fn hostile_ids_stay_inside_their_queue() {
         .expect("KEYS");
     for key in &keys {
         assert!(
-            key == "wq:queues" || key.starts_with("wq:{q}:"),
+            key == "wq:queues:due" || key.starts_with("wq:{q}:"),
             "key outside the queue: {key}"
         );
     }

@@ -59,11 +59,18 @@ async fn duplicate_ids_are_not_enqueued_again() {
     let s = state(&mut client, "q").await;
     assert_eq!((s.ready, s.leased, s.enqueued_total), (1, 1, 2));
 
-    // Once completed (and forgotten), the id may be used again.
+    // Completed and forgotten, the id is still known for the dedup window.
     complete(&mut client, "q", &[leased.items[0].lease_id.clone()]).await;
-    let ids = enqueue(&mut client, "q", vec![item_with_id("x", "new")]).await;
-    assert_eq!(ids, ["x"]);
-    assert_eq!(state(&mut client, "q").await.ready, 2);
+    let retry = client
+        .enqueue(pb::EnqueueRequest {
+            queue: "q".into(),
+            items: vec![item_with_id("x", "late retry")],
+        })
+        .await
+        .expect("enqueue")
+        .into_inner();
+    assert!(retry.results[0].duplicate, "a retry after completion");
+    assert_eq!(state(&mut client, "q").await.ready, 1);
 }
 
 #[tokio::test]

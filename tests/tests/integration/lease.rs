@@ -286,19 +286,12 @@ async fn return_if_drained_ends_the_wait_when_the_last_item_completes_elsewhere(
 /// Runs one of the broker's scripts on `queue` the way the broker would, except that its
 /// notifications go to a channel nobody listens on: a notification lost in transit, as far as
 /// the brokers can tell. `args` follow the script's fixed leading arguments.
-async fn run_script_unheard(
-    redis: &RedisProcess,
-    script: &redis::Script,
-    keys: &[&str],
-    leading: &[&str],
-    args: &[&str],
-) {
+async fn run_script_unheard(redis: &RedisProcess, script: &redis::Script, args: &[&str]) {
     let mut conn = redis_conn(redis).await;
-    let mut call = script.prepare_invoke();
-    for key in keys {
-        call.key(*key);
-    }
-    for arg in leading.iter().chain(args) {
+    let config = BrokerConfig::default();
+    let mut call =
+        wq_server::scripts::queue_invocation(script, &keys_of_q(), UNHEARD_CHANNEL, "q", &config);
+    for arg in args {
         call.arg(*arg);
     }
     let _: redis::Value = call.invoke_async(&mut conn).await.expect("the script runs");
@@ -350,13 +343,10 @@ async fn a_waiter_whose_notification_was_lost_is_woken_by_the_reaper() {
     complete(&mut producer, "q", &[first.items[0].lease_id.clone()]).await;
 
     let wait = parked_waiter(broker.client().await, false).await;
-    let k = keys_of_q();
     run_script_unheard(
         &redis,
         &wq_server::scripts::Scripts::new().enqueue,
-        &[&k.ready, &k.delayed, &k.meta, &k.leased],
-        &[&k.item_prefix, UNHEARD_CHANNEL, "q", "1", "0"],
-        &["quiet", "unheard", "0", "-1", "-1", "5", ""],
+        &["1", "0", "quiet", "unheard", "0", "-1", "-1", "5", ""],
     )
     .await;
     let (reply, waited) = reply_of(wait).await;
@@ -381,13 +371,10 @@ async fn a_lost_drain_announcement_is_made_up_for_by_the_reaper() {
         .expect("a lease id the broker issued decodes");
 
     let wait = parked_waiter(broker.client().await, true).await;
-    let k = keys_of_q();
     run_script_unheard(
         &redis,
         &wq_server::scripts::Scripts::new().complete,
-        &[&k.leased, &k.meta, &k.ready, &k.delayed],
-        &[&k.item_prefix, "0", UNHEARD_CHANNEL, "q"],
-        &[&lease_id.item_id, &lease_id.token, ""],
+        &["0", &lease_id.item_id, &lease_id.token, ""],
     )
     .await;
     let (reply, waited) = reply_of(wait).await;

@@ -143,6 +143,10 @@ async fn a_request_over_the_message_limit_is_resource_exhausted_and_writes_nothi
     let redis = redis().await;
     let mut config = test_config();
     config.max_message_bytes = 4096;
+    // The broker refuses to start with limits under which an item could not be leased.
+    config.max_payload_bytes = 1024;
+    config.max_header_bytes = 512;
+    config.max_reply_bytes = 4096;
     let broker = Broker::start_with(&redis.url(), config).await;
     let mut client = broker.client().await;
     let before = redis_dump(&redis).await;

@@ -6,6 +6,7 @@ mod bad_input;
 mod cli;
 mod client;
 mod deploy;
+mod edges;
 mod enqueue;
 mod faults;
 mod fuzz;

@@ -82,6 +82,7 @@ pub(super) fn methods(lease_ids: &[String]) -> Vec<Method> {
                     max_wait: None,
                     worker_id: "worker-1".into(),
                     return_if_drained: false,
+                    return_if_sealed_and_drained: true,
                 },
                 pb::LeaseRequest {
                     queue: queue(),
