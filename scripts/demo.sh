@@ -10,6 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A fresh machine may lack redis-server (for --dev) and python3 (to pick a free port).
+scripts/system-packages.sh demo
 cargo build --quiet --release -p wq-server -p wq-client -p wq-worker
 bin=target/release
 

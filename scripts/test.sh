@@ -1,15 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, lints, proto lint, and every Rust test (unit and end-to-end,
-# including the grpcurl and generated-Python-client tests). Needs redis-server, python3 and npm;
-# installs grpcurl, grpcio-tools, kubernetes-validate and buf into .tools/ itself; kubectl
-# renders deploy/base.
+# including the grpcurl and generated-Python-client tests). On a fresh Debian/Ubuntu machine
+# with Rust it first installs what is missing (redis-server, python3-venv, npm, kubectl, rustfmt,
+# clippy: scripts/system-packages.sh), then grpcurl, grpcio-tools, kubernetes-validate and buf
+# into .tools/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if ! command -v redis-server >/dev/null 2>&1; then
-  echo "error: redis-server is not installed; install it with: sudo apt-get install -y redis-server" >&2
-  exit 1
-fi
+scripts/system-packages.sh test
 
 echo "==> tools"
 scripts/install-tools.sh

@@ -16,6 +16,7 @@ mod limits;
 mod model;
 mod outage;
 mod security;
+mod setup;
 mod tools;
 mod worker;
 mod worker_process;

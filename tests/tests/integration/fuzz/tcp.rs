@@ -149,7 +149,7 @@ async fn raw_tcp_garbage_is_disconnected_and_silent_connections_hold_up_nobody()
         .iter()
         .map(|(key, _)| key)
         .filter(|key| !before.iter().any(|(old, _)| old == *key))
-        .filter(|key| !key.contains("{beside-silence}") && *key != "wq:queues")
+        .filter(|key| !key.contains("{beside-silence}") && *key != "wq:queues:due")
         .collect();
     assert!(
         new_keys.is_empty(),
