@@ -247,7 +247,12 @@ impl Store {
             .saturating_add(i64::try_from(millis(lease)).unwrap_or(i64::MAX));
         let (reply, scheduled) = tokio::join!(self.invoke(&call), self.schedule(queue, expiry));
         let reply = reply::array("lease", reply?)?;
-        scheduled?;
+        // The grant stands either way: failing the call now would strand its items. Without
+        // the index entry the leases are still reclaimed, by the next Lease on the queue or at
+        // the queue's next visit (within an hour).
+        if let Err(error) = scheduled {
+            tracing::warn!(queue = %queue, %error, "could not schedule the reaper for new leases");
+        }
         let [now, expire, drained, next_due, ready_left, sealed, grants]: [Value; 7] = reply
             .try_into()
             .map_err(|_| Error::Internal("lease reply has the wrong length".into()))?;
@@ -379,16 +384,21 @@ impl Store {
             "d" => {
                 let due = reply::int("fail next", &next)?;
                 // Waiters sleep until a notification or a due time they know of; the reaper
-                // promotes this retry on time.
-                self.schedule(queue, due).await?;
+                // promotes this retry on time. The Fail is applied either way, so a failed
+                // schedule is logged, not answered (a retried Fail would be LEASE_LOST).
+                if let Err(error) = self.schedule(queue, due).await {
+                    tracing::warn!(queue = %queue, %error, "could not schedule a delayed retry");
+                }
                 Ok(FailOutcome::Delayed(due))
             }
             "x" => {
                 // The dead letter's age bound: the reaper drops it on time.
                 if !self.config.dead_max_age.is_zero() {
                     let age = i64::try_from(millis(self.config.dead_max_age)).unwrap_or(i64::MAX);
-                    self.schedule(queue, self.local_now_ms().saturating_add(age))
-                        .await?;
+                    let at = self.local_now_ms().saturating_add(age);
+                    if let Err(error) = self.schedule(queue, at).await {
+                        tracing::warn!(queue = %queue, %error, "could not schedule a dead letter's drop");
+                    }
                 }
                 Ok(FailOutcome::Dead)
             }
