@@ -47,6 +47,8 @@ call_in_chunks('DEL', nil, gone)
 remember_finished(known)
 if done > 0 then
   redis.call('HINCRBY', K.meta, 'done', done)
+  -- An idle queue's expiry counts from its last activity, this included.
+  redis.call('HSET', K.meta, 'la', now)
   notify_if_drained()
 end
 return result

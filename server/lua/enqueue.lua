@@ -115,6 +115,10 @@ end
 -- counts from.
 redis.call('HSET', K.meta, 'la', now)
 if added > 0 then
+  -- The heads set is kept from the queue's first items on (see lib.lua).
+  if not meta_head[2] then
+    redis.call('HSET', K.meta, 'hv', '1')
+  end
   redis.call('HSET', K.meta, 'seq', seq)
   redis.call('HINCRBY', K.meta, 'enq', added)
 end

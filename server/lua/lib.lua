@@ -33,7 +33,9 @@
     err last error           res result              ct  completion or death time (ms)
 
   Meta fields: seq (last enqueue sequence), enq, done, fail, recl, dropped (counters), paused,
-  sealed (flags, '1'), la (last enqueue or flag change, ms), g (item generation, absent = 0).
+  sealed (flags, '1'), la (last enqueue, completion, purge or flag change, ms), g (item
+  generation, absent = 0), hv ('1' once the heads set is known to match the ready set; a queue
+  written by a broker before heads existed gets it rebuilt by its next script).
 
   Ready sorted set member: 12 hex digits of the enqueue sequence followed by the id, scored by
   -priority, so ZPOPMIN yields the highest priority first and enqueue order within a priority.
@@ -58,7 +60,8 @@ local function items_of_generation(g)
   return item_base .. g .. ':'
 end
 
-local generation = redis.call('HGET', K.meta, 'g') or '0'
+local meta_head = redis.call('HMGET', K.meta, 'g', 'hv')
+local generation = meta_head[1] or '0'
 -- The prefix of the current generation's item keys.
 local item_prefix = items_of_generation(generation)
 
@@ -112,6 +115,26 @@ local function heads_refresh(bands)
       redis.call('ZREM', K.heads, priority)
     end
   end
+end
+
+-- Rebuilds the heads set from the ready set, one lookup per priority band; runs once for a
+-- queue whose ready set predates the heads set (meta field hv absent).
+local function heads_rebuild()
+  redis.call('DEL', K.heads)
+  local head = redis.call('ZRANGE', K.ready, 0, 0, 'WITHSCORES')
+  while head[1] do
+    local enqueued = redis.call('HGET', item_prefix .. id_of_member(head[1]), 'e')
+    if enqueued then
+      redis.call('ZADD', K.heads, enqueued, 0 - tonumber(head[2]))
+    end
+    head = redis.call('ZRANGE', K.ready, '(' .. head[2], '+inf', 'BYSCORE', 'LIMIT', 0, 1,
+      'WITHSCORES')
+  end
+end
+
+if not meta_head[2] and redis.call('EXISTS', K.ready) == 1 then
+  heads_rebuild()
+  redis.call('HSET', K.meta, 'hv', '1')
 end
 
 -- Puts a stored item back into the ready set with its original sequence, so released and

@@ -37,7 +37,10 @@ for i = 9, #ARGV do
     more = 1
   end
 end
-if purged > 0 and more == 0 then
-  notify_if_drained()
+if purged > 0 then
+  redis.call('HSET', K.meta, 'la', now_ms())
+  if more == 0 then
+    notify_if_drained()
+  end
 end
 return {purged, more}

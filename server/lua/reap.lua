@@ -2,8 +2,9 @@
   reap: the background pass over one queue. Reclaims expired leases, promotes due delayed items,
   drops dead letters past their bounds and forgets finished ids past their dedup window, each
   bounded by one step (ARGV[5]) so Redis is never blocked for long; the caller repeats while
-  `more` is 1. An empty queue that has been idle for ARGV[8] (and holds no flags, dead letters or
-  remembered ids) is forgotten: its meta is deleted and `expired` is 1.
+  `more` is 1. An empty queue that has been idle for ARGV[8] since its last enqueue, completion,
+  purge or flag change (and holds no flags, dead letters or remembered ids) is forgotten: its
+  meta is deleted and `expired` is 1.
 
   KEYS and ARGV[1..8]: see lib.lua. No arguments of its own.
 
@@ -93,7 +94,14 @@ else
     and redis.call('ZCARD', K.ready) == 0
   if empty and flags[1] ~= '1' and flags[2] ~= '1' then
     local last = tonumber(flags[3])
-    if last == nil or (idle_ttl > 0 and last + idle_ttl <= now) then
+    if redis.call('EXISTS', K.meta) == 0 then
+      -- Nothing at all (a queue only leased from): nothing to keep, nothing to delete.
+      expired = 1
+    elseif last == nil then
+      -- Counters written before the last-activity field existed: idle from now on.
+      redis.call('HSET', K.meta, 'la', now)
+      if idle_ttl > 0 then sooner(now + idle_ttl) end
+    elseif idle_ttl > 0 and last + idle_ttl <= now then
       redis.call('DEL', K.meta, K.heads)
       expired = 1
     elseif idle_ttl > 0 then

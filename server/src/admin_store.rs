@@ -10,8 +10,8 @@ use crate::{
     store::Store,
 };
 
-/// Most pairs of fields per item a ListItems page reads (the payload and result come with
-/// HGETALL); the reply estimate below counts every field.
+/// Reply bytes counted per stored field of a listed item besides the large ones (payload,
+/// result, headers), which are weighed exactly.
 const FIELD_REPLY_OVERHEAD: usize = 64;
 
 /// A queue flag an operator can set.
@@ -199,9 +199,10 @@ impl Store {
         })
     }
 
-    /// The stored fields of several items, in one pipelined round trip; an item that vanished
-    /// meanwhile has no fields. With payloads, the list stops (after at least one item) before
-    /// the fields pass the reply budget, so a page of large items stays readable.
+    /// The stored fields of several items, in one pipelined round trip (two with payloads); an
+    /// item that vanished meanwhile has no fields. With payloads, the list stops (after at least
+    /// one item) before the fields pass the reply budget, so a page of large items stays
+    /// readable.
     ///
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
@@ -216,24 +217,31 @@ impl Store {
             return Ok(Vec::new());
         }
         let prefix = self.item_prefix(queue).await?;
+        let keys: Vec<String> = ids.iter().map(|id| format!("{prefix}{id}")).collect();
+        // With payloads, first weigh the large fields and fetch only the items that fit the
+        // budget: fetching a page of large items whole would hold the shared Redis connection
+        // (and the broker's memory) for megabytes it then throws away.
+        let keys = if with_payloads {
+            let fitting = self.items_within_budget(&keys).await?;
+            &keys[..fitting]
+        } else {
+            &keys[..]
+        };
         let mut pipe = redis::pipe();
-        for id in ids {
+        for key in keys {
             if with_payloads {
-                pipe.cmd("HGETALL").arg(format!("{prefix}{id}"));
+                pipe.cmd("HGETALL").arg(key);
             } else {
-                pipe.cmd("HMGET")
-                    .arg(format!("{prefix}{id}"))
-                    .arg(&FIELDS_WITHOUT_PAYLOADS);
+                pipe.cmd("HMGET").arg(key).arg(&FIELDS_WITHOUT_PAYLOADS);
             }
         }
         let replies: Vec<Value> = self.pipeline(&pipe).await?;
-        let budget = self.config().max_reply_bytes;
-        let mut used = 0usize;
-        let mut items = Vec::with_capacity(replies.len());
-        for (value, id) in replies.into_iter().zip(ids) {
-            let fields = if with_payloads {
-                reply::pairs("item", value)?
-            } else {
+        replies
+            .into_iter()
+            .map(|value| {
+                if with_payloads {
+                    return reply::pairs("item", value);
+                }
                 let values = reply::array("item fields", value)?;
                 FIELDS_WITHOUT_PAYLOADS
                     .iter()
@@ -245,20 +253,33 @@ impl Store {
                             Err(e) => Some(Err(e)),
                         },
                     )
-                    .collect::<Result<Vec<_>>>()?
-            };
-            let size = fields
-                .iter()
-                .map(|(field, value)| field.len() + value.len() + FIELD_REPLY_OVERHEAD)
-                .sum::<usize>()
-                + 2 * id.len();
-            if !items.is_empty() && used.saturating_add(size) > budget {
-                break;
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// How many of the items at `keys`, from the first, fit the reply budget with their
+    /// payloads, results and headers (at least one).
+    async fn items_within_budget(&self, keys: &[String]) -> Result<usize> {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            for field in ["p", "res", "h"] {
+                pipe.cmd("HSTRLEN").arg(key).arg(field);
             }
-            used = used.saturating_add(size);
-            items.push(fields);
         }
-        Ok(items)
+        let lengths: Vec<usize> = self.pipeline(&pipe).await?;
+        let budget = self.config().max_reply_bytes;
+        let mut used = 0usize;
+        for (index, (item, key)) in lengths.chunks(3).zip(keys).enumerate() {
+            let size = item.iter().sum::<usize>()
+                + FIELDS_WITHOUT_PAYLOADS.len() * FIELD_REPLY_OVERHEAD
+                + 2 * key.len();
+            used = used.saturating_add(size);
+            if index > 0 && used > budget {
+                return Ok(index);
+            }
+        }
+        Ok(keys.len())
     }
 }
 

@@ -278,17 +278,19 @@ impl BrokerConfig {
         if self.max_reply_bytes == 0 || self.max_reply_bytes > self.max_message_bytes {
             return Err("--max-reply-bytes must be > 0 and <= --max-message-bytes".into());
         }
-        // One item with the largest payload and headers must fit a message, or it could be
-        // enqueued but never leased.
+        // One item with the largest payload and headers must fit a reply, or it could be
+        // enqueued but never delivered: granted alone, refused by every client that keeps to
+        // the reply budget, released, granted again.
         let largest_item = self
             .max_payload_bytes
             .saturating_add(self.max_header_bytes.saturating_mul(2))
             .saturating_add(REPLY_BYTES_PER_ITEM + 5 * crate::validate::MAX_NAME_BYTES);
-        if largest_item > self.max_message_bytes {
+        if largest_item > self.max_reply_bytes {
             return Err(format!(
-                "--max-message-bytes ({}) must hold one item of --max-payload-bytes plus \
-                 --max-header-bytes and overhead ({largest_item} bytes)",
-                self.max_message_bytes
+                "--max-reply-bytes ({}) must hold one item of --max-payload-bytes plus \
+                 --max-header-bytes and overhead ({largest_item} bytes); raise it (and the \
+                 clients' receive limits) or lower the payload limit",
+                self.max_reply_bytes
             ));
         }
         // A Semaphore holds at most this many permits.
@@ -297,5 +299,28 @@ impl BrokerConfig {
             return Err("--max-redis-in-flight or --max-waiting-leases is too large".into());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_item_of_the_largest_payload_must_fit_the_reply_budget() {
+        assert!(BrokerConfig::default().check().is_ok());
+        let too_large = BrokerConfig {
+            max_payload_bytes: 6 << 20,
+            ..BrokerConfig::default()
+        };
+        let error = too_large
+            .check()
+            .expect_err("6 MiB items in a 4 MiB budget");
+        assert!(error.contains("--max-reply-bytes"), "{error}");
+        let raised = BrokerConfig {
+            max_reply_bytes: 8 << 20,
+            ..too_large
+        };
+        assert!(raised.check().is_ok());
     }
 }

@@ -38,23 +38,26 @@ pub async fn run(
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
-    let mut migrated = false;
     for round in 0u64.. {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        if !migrated {
+        let with_waiters = round % WAITER_CHECK_ROUNDS == 0;
+        if with_waiters {
+            // Not once but every few rounds: during a rolling upgrade, replicas of the old
+            // version keep adding queues to the old registry.
             match store.migrate_legacy_registry().await {
-                Ok(0) => migrated = true,
+                Ok(0) => {}
                 Ok(count) => {
-                    tracing::info!(count, "moved the old queue registry into the queue index");
-                    migrated = true;
+                    tracing::info!(
+                        count,
+                        "moved queues of the old registry into the queue index"
+                    )
                 }
                 Err(error) => tracing::debug!(%error, "queue registry migration failed"),
             }
         }
-        let with_waiters = round % WAITER_CHECK_ROUNDS == 0;
         match run_round(&store, &notifier, with_waiters).await {
             Ok(()) if failing => {
                 tracing::info!("reaper recovered");

@@ -190,8 +190,13 @@ impl Store {
         }
         // Sent together: one round trip, and no moment where the items exist unindexed.
         let (reply, scheduled) = tokio::join!(self.invoke(&call), self.schedule(queue, visit));
-        scheduled?;
         let reply = reply::array("enqueue", reply?)?;
+        // The items are enqueued either way; an error now would make a caller without ids
+        // enqueue them twice. Unindexed, the queue is still leased from, and indexed again by
+        // its next Enqueue or Lease.
+        if let Err(error) = scheduled {
+            tracing::warn!(queue = %queue, %error, "could not index the queue after an enqueue");
+        }
         let (status, flags) = reply
             .split_first()
             .ok_or_else(|| Error::Internal("empty enqueue reply".into()))?;
@@ -320,7 +325,15 @@ impl Store {
         for l in leases {
             call.arg(&l.item_id).arg(&l.token);
         }
-        let reply = reply::array("extend", self.invoke(&call).await?)?;
+        // A heartbeat may also shorten a lease: the reaper must visit by the new expiry.
+        let expiry = self
+            .local_now_ms()
+            .saturating_add(i64::try_from(millis(lease)).unwrap_or(i64::MAX));
+        let (reply, scheduled) = tokio::join!(self.invoke(&call), self.schedule(queue, expiry));
+        if let Err(error) = scheduled {
+            tracing::warn!(queue = %queue, %error, "could not schedule the reaper for extended leases");
+        }
+        let reply = reply::array("extend", reply?)?;
         let (expire, flags) = reply
             .split_first()
             .ok_or_else(|| Error::Internal("empty extend reply".into()))?;
@@ -345,8 +358,20 @@ impl Store {
         for (l, result) in completions {
             call.arg(&l.item_id).arg(&l.token).arg(result.as_ref());
         }
-        let reply = reply::array("complete", self.invoke(&call).await?)?;
-        reply::flags("complete flags", &reply)
+        let kept = self.config.finished_ids_kept();
+        if kept.is_zero() {
+            let reply = reply::array("complete", self.invoke(&call).await?)?;
+            return reply::flags("complete flags", &reply);
+        }
+        // The ids finished now are forgotten by the reaper when their window ends.
+        let forget_at = self
+            .local_now_ms()
+            .saturating_add(i64::try_from(millis(kept)).unwrap_or(i64::MAX));
+        let (reply, scheduled) = tokio::join!(self.invoke(&call), self.schedule(queue, forget_at));
+        if let Err(error) = scheduled {
+            tracing::warn!(queue = %queue, %error, "could not schedule forgetting finished ids");
+        }
+        reply::flags("complete flags", &reply::array("complete", reply?)?)
     }
 
     /// Ends a live lease as a failed attempt (`retry` None = backoff).

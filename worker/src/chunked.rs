@@ -63,8 +63,11 @@ where
 /// code alone also means a busy broker, where halving would not help).
 fn refused_for_size(error: &wq_client::Error) -> bool {
     match error {
+        // INVALID_ARGUMENT about one item (say its result is too large) is no batch limit:
+        // halving would only shrink every later batch towards one.
         wq_client::Error::Status(status) => {
-            status.code() == Code::InvalidArgument
+            (status.code() == Code::InvalidArgument && status.message().contains("at most"))
+                && status.message().contains("entries")
                 || (status.code() == Code::ResourceExhausted
                     && status.message().contains("message length too large"))
         }
@@ -176,5 +179,25 @@ mod tests {
         assert!(results.is_empty());
         assert_eq!(size, 4);
         assert_eq!(error.and_then(|e| e.code()), Some(Code::ResourceExhausted));
+    }
+
+    #[tokio::test]
+    async fn a_refusal_of_one_items_content_does_not_shrink_the_batches() {
+        let mut size = 4;
+        let (results, error) = send(
+            vec![1, 2, 3, 4],
+            &mut size,
+            |_| 1,
+            |_| async {
+                Err(tonic::Status::invalid_argument(
+                    "completions[2].result: must be at most 16384 bytes",
+                )
+                .into())
+            },
+        )
+        .await;
+        assert!(results.is_empty());
+        assert_eq!(size, 4);
+        assert_eq!(error.and_then(|e| e.code()), Some(Code::InvalidArgument));
     }
 }

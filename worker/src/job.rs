@@ -207,7 +207,9 @@ pub(crate) async fn complete_in_batches(
         )
         .await;
         let mut replies = replies.into_iter();
-        for (reply, result) in replies.by_ref().zip(results) {
+        // Results first: zipping the replies first would take (and drop) one reply more than
+        // there are results, leaving that item without its answer.
+        for (result, reply) in results.into_iter().zip(replies.by_ref()) {
             let _ = reply.send(Ok(result.outcome()));
         }
         if let Some(error) = error {

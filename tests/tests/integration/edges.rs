@@ -66,26 +66,29 @@ async fn a_grant_of_large_items_stops_at_the_reply_budget_and_leaves_the_rest_un
     );
 }
 
-/// An item larger than the reply budget is still leased, alone.
+/// With the reply budget set to what one largest item needs (the least the broker accepts),
+/// items near the payload limit are leased one per call, and each is leased.
 #[tokio::test]
-async fn an_item_larger_than_the_reply_budget_is_leased_alone() {
+async fn items_at_the_payload_limit_are_leased_alone_under_the_smallest_budget() {
     let redis = redis().await;
+    let payload_limit = 64 * 1024;
     let config = BrokerConfig {
-        max_reply_bytes: 64 * 1024,
+        max_payload_bytes: payload_limit,
+        max_header_bytes: 1024,
+        max_reply_bytes: payload_limit + 2 * 1024 + 256 + 5 * 128,
         ..test_config()
     };
     let broker = Broker::start_with(&redis.url(), config).await;
     let mut client = broker.client().await;
-    let items = vec![
-        ("huge".to_owned(), payload_of(1 << 20, b'h')),
-        ("small".to_owned(), payload_of(10, b's')),
-    ];
+    let items = (0..3)
+        .map(|i| (format!("max-{i}"), payload_of(payload_limit, b'm')))
+        .collect();
     enqueue_bytes(&mut client, "q", items).await;
-    let first = lease(&mut client, "q", 2, Duration::from_secs(30)).await;
-    assert_eq!(first.items.len(), 1);
-    assert_eq!(first.items[0].payload.len(), 1 << 20);
-    let second = lease(&mut client, "q", 2, Duration::from_secs(30)).await;
-    assert_eq!(second.items[0].id, "small");
+    for i in 0..3 {
+        let got = lease(&mut client, "q", 3, Duration::from_secs(30)).await;
+        assert_eq!(got.items.len(), 1, "lease {i}");
+        assert_eq!(got.items[0].payload.len(), payload_limit);
+    }
 }
 
 /// Concurrent Leases combined into one script call each get their own reply budget.
@@ -94,6 +97,7 @@ async fn combined_leases_each_get_their_own_reply_budget() {
     let redis = redis().await;
     let config = BrokerConfig {
         max_reply_bytes: 300 * 1024,
+        max_payload_bytes: 200 * 1024,
         ..test_config()
     };
     let broker = Broker::start_with(&redis.url(), config).await;
@@ -747,4 +751,169 @@ async fn a_paused_queues_waiters_are_not_woken_by_enqueues() {
             .expect("waiter task");
         assert_eq!(reply.items.len(), 1);
     }
+}
+
+/// ListItems with payloads keeps each page within the reply budget and pages through the rest.
+#[tokio::test]
+async fn list_items_with_payloads_pages_within_the_reply_budget() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    let items = (0..12)
+        .map(|i| (format!("l{i:02}"), payload_of(900 * 1024, b'l')))
+        .collect();
+    enqueue_bytes(&mut client, "q", items).await;
+    let mut admin = broker.admin().await;
+    let mut token = String::new();
+    let mut seen = Vec::new();
+    let mut pages = 0;
+    loop {
+        let page = admin
+            .list_items(pb::ListItemsRequest {
+                queue: "q".into(),
+                state: pb::ItemState::Ready as i32,
+                page_size: 1000,
+                page_token: token.clone(),
+                include_payloads: true,
+            })
+            .await
+            .expect("a page fits the 4 MiB receive limit")
+            .into_inner();
+        pages += 1;
+        assert!((1..=4).contains(&page.items.len()), "{}", page.items.len());
+        seen.extend(page.items.into_iter().map(|i| i.id));
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        (0..12).map(|i| format!("l{i:02}")).collect::<Vec<_>>()
+    );
+    assert!(pages >= 3, "{pages} pages");
+}
+
+/// An ExtendLease that shortens a lease moves the reaper's visit forward: a worker that dies
+/// after it gets its item reclaimed by the shorter expiry, not the original one.
+#[tokio::test]
+async fn a_shortened_lease_is_reclaimed_on_its_new_expiry() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    enqueue(&mut client, "q", vec![item("x")]).await;
+    let leased = lease(&mut client, "q", 1, Duration::from_secs(600)).await;
+    client
+        .extend_lease(pb::ExtendLeaseRequest {
+            queue: "q".into(),
+            lease_ids: vec![leased.items[0].lease_id.clone()],
+            lease_duration: Some(duration(Duration::from_millis(300))),
+        })
+        .await
+        .expect("extend");
+    eventually("the shortened lease is reclaimed", async || {
+        state(&mut client, "q").await.reclaimed_total == 1
+    })
+    .await;
+}
+
+/// A ready set written before the heads index existed (no `hv` in meta) gets its heads rebuilt,
+/// so the oldest ready time is right from the first call.
+#[tokio::test]
+async fn a_ready_set_without_heads_gets_them_rebuilt() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    let mut old = item_with_id("old", "o");
+    old.priority = 1;
+    enqueue(&mut client, "q", vec![old]).await;
+    let first = get_item(&mut client, "q", "old").await.expect("stored");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut newer = item_with_id("new", "n");
+    newer.priority = 7;
+    enqueue(&mut client, "q", vec![newer]).await;
+    let mut conn = redis_conn(&redis).await;
+    let _: () = redis::pipe()
+        .cmd("DEL")
+        .arg("wq:{q}:heads")
+        .ignore()
+        .cmd("HDEL")
+        .arg("wq:{q}:meta")
+        .arg("hv")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("rewind to the old layout");
+    assert_eq!(
+        state(&mut client, "q").await.oldest_ready_enqueue_time,
+        first.enqueue_time
+    );
+}
+
+/// An idle queue's expiry counts from its last completion, not its last enqueue; counters
+/// written before the last-activity field existed are kept and count from the first visit.
+#[tokio::test]
+async fn idle_expiry_counts_from_the_last_completion() {
+    let redis = redis().await;
+    let config = BrokerConfig {
+        queue_idle_ttl: Duration::from_secs(2),
+        dedup_window: Duration::ZERO,
+        ..test_config()
+    };
+    let broker = Broker::start_with(&redis.url(), config).await;
+    let mut client = broker.client().await;
+    enqueue(&mut client, "slow", vec![item("x")]).await;
+    let leased = lease(&mut client, "slow", 1, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    complete(&mut client, "slow", &[leased.items[0].lease_id.clone()]).await;
+    let completed = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(
+        state(&mut client, "slow").await.completed_total,
+        1,
+        "kept 1 s after"
+    );
+    eventually("the queue is forgotten after its idle expiry", async || {
+        state(&mut client, "slow").await.completed_total == 0
+    })
+    .await;
+    assert!(completed.elapsed() >= Duration::from_secs(2));
+}
+
+/// Queues an old broker replica still adds to the old registry during a rolling upgrade reach
+/// the queue index, and one damaged queue does not hide the others from ListQueues.
+#[tokio::test]
+async fn queues_of_the_old_registry_are_indexed_and_a_damaged_one_hides_nobody() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    enqueue(&mut client, "late", vec![item("x")]).await;
+    enqueue(&mut client, "damaged", vec![item("y")]).await;
+    let mut conn = redis_conn(&redis).await;
+    let _: () = redis::pipe()
+        .cmd("ZREM")
+        .arg("wq:queues:due")
+        .arg("late")
+        .ignore()
+        .cmd("SADD")
+        .arg("wq:queues")
+        .arg("late")
+        .ignore()
+        .cmd("SET")
+        .arg("wq:{damaged}:dead")
+        .arg("not a sorted set")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .expect("an old replica's registration, and a damaged key");
+    let mut admin = broker.admin().await;
+    eventually("the old registration is indexed", async || {
+        let listed = admin
+            .list_queues(pb::ListQueuesRequest::default())
+            .await
+            .expect("ListQueues answers despite the damaged queue")
+            .into_inner();
+        listed.queues.iter().any(|q| q.queue == "late")
+    })
+    .await;
 }

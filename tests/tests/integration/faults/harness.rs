@@ -246,7 +246,10 @@ async fn queue_keys(redis: &RedisProcess, queue: &str) -> Vec<String> {
 pub(super) async fn assert_no_leftovers(redis: &RedisProcess, queue: &str) {
     let keys = queue_keys(redis, queue).await;
     let expected = [format!("wq:{{{queue}}}:meta")];
-    let with_done = [format!("wq:{{{queue}}}:done"), format!("wq:{{{queue}}}:meta")];
+    let with_done = [
+        format!("wq:{{{queue}}}:done"),
+        format!("wq:{{{queue}}}:meta"),
+    ];
     assert!(
         keys == expected || keys == with_done,
         "a drained queue keeps only its counters and remembered ids: {keys:?}"
