@@ -299,6 +299,28 @@ pub async fn complete(
         .collect()
 }
 
+/// Fails a lease with error "boom": retried after `retry` (None = the broker's backoff), or
+/// dead-lettered at once with `dead`.
+pub async fn fail(
+    client: &mut Client,
+    queue: &str,
+    lease_id: &str,
+    retry: Option<Duration>,
+    dead: bool,
+) -> pb::FailResponse {
+    client
+        .fail(pb::FailRequest {
+            queue: queue.into(),
+            lease_id: lease_id.into(),
+            error: "boom".into(),
+            retry_delay: retry.map(duration),
+            dead_letter: dead,
+        })
+        .await
+        .expect("fail call succeeds")
+        .into_inner()
+}
+
 /// Reads a queue's state.
 pub async fn state(client: &mut Client, queue: &str) -> pb::QueueStateResponse {
     client
@@ -321,29 +343,17 @@ pub async fn redis_conn(redis: &RedisProcess) -> redis::aio::MultiplexedConnecti
 
 /// Script calls Redis has run so far (`INFO commandstats`).
 pub async fn script_calls(redis: &RedisProcess) -> u64 {
-    let mut conn = redis_conn(redis).await;
-    let stats: String = redis::cmd("INFO")
-        .arg("commandstats")
-        .query_async(&mut conn)
-        .await
-        .expect("INFO commandstats");
-    stats
-        .lines()
-        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
-        .filter_map(|line| {
-            line.split("calls=")
-                .nth(1)?
-                .split(',')
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
+    command_calls(redis, |command| command == "evalsha" || command == "eval").await
 }
 
 /// Commands Redis has run so far, every command counted (`INFO commandstats`; commands run
 /// inside scripts included), less the INFO calls that read it.
 pub async fn redis_commands(redis: &RedisProcess) -> u64 {
+    command_calls(redis, |command| command != "info").await
+}
+
+/// The calls of the commands `counted` picks, summed over `INFO commandstats`.
+async fn command_calls(redis: &RedisProcess, counted: impl Fn(&str) -> bool) -> u64 {
     let mut conn = redis_conn(redis).await;
     let stats: String = redis::cmd("INFO")
         .arg("commandstats")
@@ -352,9 +362,12 @@ pub async fn redis_commands(redis: &RedisProcess) -> u64 {
         .expect("INFO commandstats");
     stats
         .lines()
-        .filter(|line| line.starts_with("cmdstat_") && !line.starts_with("cmdstat_info:"))
         .filter_map(|line| {
-            line.split("calls=")
+            let (command, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            if !counted(command) {
+                return None;
+            }
+            rest.split("calls=")
                 .nth(1)?
                 .split(',')
                 .next()?

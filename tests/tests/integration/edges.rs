@@ -190,7 +190,7 @@ async fn an_id_is_a_duplicate_for_the_dedup_window_after_its_item_finished() {
     .await;
     for _ in 0..2 {
         let leased = lease(&mut client, "q", 1, Duration::from_secs(30)).await;
-        fail(&mut client, "q", &leased.items[0].lease_id, true).await;
+        fail(&mut client, "q", &leased.items[0].lease_id, None, true).await;
     }
     assert_eq!(state(&mut client, "q").await.dead_dropped_total, 1);
 
@@ -233,25 +233,6 @@ async fn enqueue_flags(client: &mut Client, ids: &[&str]) -> Vec<bool> {
         .collect()
 }
 
-async fn fail(
-    client: &mut Client,
-    queue: &str,
-    lease_id: &str,
-    dead_letter: bool,
-) -> pb::FailResponse {
-    client
-        .fail(pb::FailRequest {
-            queue: queue.into(),
-            lease_id: lease_id.into(),
-            error: "boom".into(),
-            dead_letter,
-            retry_delay: Some(duration(Duration::ZERO)),
-        })
-        .await
-        .expect("fail")
-        .into_inner()
-}
-
 /// Thousands of queues used once and then left idle cost the reaper nothing, leave ListQueues
 /// after the idle expiry (unless they hold something), and leave Redis idle.
 #[tokio::test]
@@ -286,7 +267,14 @@ async fn thousands_of_idle_queues_are_forgotten_and_cost_nothing_at_rest() {
     // One queue keeps a dead letter, one is paused: both must stay.
     enqueue(&mut client, "keeps-dead", vec![item("d")]).await;
     let leased = lease(&mut client, "keeps-dead", 1, Duration::from_secs(30)).await;
-    fail(&mut client, "keeps-dead", &leased.items[0].lease_id, true).await;
+    fail(
+        &mut client,
+        "keeps-dead",
+        &leased.items[0].lease_id,
+        None,
+        true,
+    )
+    .await;
     let mut admin = broker.admin().await;
     admin
         .pause_queue(pb::PauseQueueRequest {
@@ -551,7 +539,7 @@ async fn trimming_a_huge_dead_letter_set_is_chunked_by_the_reap_batch() {
             break;
         }
         for it in got.items {
-            fail(&mut client, "q", &it.lease_id, true).await;
+            fail(&mut client, "q", &it.lease_id, None, true).await;
         }
     }
     assert_eq!(state(&mut client, "q").await.dead, 1500);
@@ -568,7 +556,7 @@ async fn trimming_a_huge_dead_letter_set_is_chunked_by_the_reap_batch() {
     // One more dead letter through a Fail: the Fail trims one step only.
     enqueue(&mut client, "q", vec![item_with_id("last", "x")]).await;
     let leased = lease(&mut client, "q", 1, Duration::from_secs(30)).await;
-    fail(&mut client, "q", &leased.items[0].lease_id, true).await;
+    fail(&mut client, "q", &leased.items[0].lease_id, None, true).await;
     let s = state(&mut client, "q").await;
     assert_eq!(s.dead, 1501 - 100, "one step of 100 dropped by the Fail");
     assert_eq!(s.dead_dropped_total, 100);
@@ -615,7 +603,14 @@ async fn fail_with_a_zero_retry_delay_returns_its_next_attempt_time() {
     let mut client = broker.client().await;
     enqueue(&mut client, "q", vec![item("x")]).await;
     let leased = lease(&mut client, "q", 1, Duration::from_secs(30)).await;
-    let failed = fail(&mut client, "q", &leased.items[0].lease_id, false).await;
+    let failed = fail(
+        &mut client,
+        "q",
+        &leased.items[0].lease_id,
+        Some(Duration::ZERO),
+        false,
+    )
+    .await;
     assert_eq!(failed.state, pb::ItemState::Ready as i32);
     let next = failed.next_attempt_time.expect("a next attempt time");
     let expire = leased.items[0].lease_expire_time.expect("an expiry");

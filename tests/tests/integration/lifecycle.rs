@@ -10,26 +10,6 @@ async fn lease_one(client: &mut Client, queue: &str, lease_for: Duration) -> pb:
     reply.items.remove(0)
 }
 
-async fn fail(
-    client: &mut Client,
-    queue: &str,
-    lease_id: &str,
-    retry: Option<Duration>,
-    dead: bool,
-) -> pb::FailResponse {
-    client
-        .fail(pb::FailRequest {
-            queue: queue.into(),
-            lease_id: lease_id.into(),
-            error: "boom".into(),
-            retry_delay: retry.map(duration),
-            dead_letter: dead,
-        })
-        .await
-        .expect("fail call succeeds")
-        .into_inner()
-}
-
 #[tokio::test]
 async fn stale_lease_after_expiry_and_re_lease_is_lost_and_changes_nothing() {
     let redis = redis().await;
