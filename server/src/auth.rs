@@ -11,22 +11,27 @@
 //! ```
 //!
 //! Roles: `producer` (Enqueue, QueueState, GetItem), `worker` (Lease, ExtendLease, Complete,
-//! Fail, Release, QueueState) and `admin` (everything, QueueAdminService included). Queue
-//! patterns are shell globs (`*`, `?`, `[…]`); without any the grant covers every queue.
+//! Fail, Release, QueueState), `sealer` (SealQueue: a producer that is done closes its queue,
+//! without any other admin right) and `admin` (everything, QueueAdminService included). Queue
+//! patterns are shell globs (`*`, `?`, `[…]`); without any the grant covers every queue. Names
+//! are 1–15 characters of `[A-Za-z0-9._-]`: shorter than any token, so a line whose token and
+//! name were swapped is always refused instead of making the token a logged name.
 //!
 //! [`Gate`] runs in front of every service as a tower layer: it answers UNAUTHENTICATED
 //! without a valid `authorization: Bearer …` header and PERMISSION_DENIED for a method outside
 //! the caller's roles, and leaves a [`Caller`] in the request's extensions so that handlers can
 //! check the queue they were asked about with [`admit`]. The health service is always
 //! open (probes carry no token); reflection is open, token-guarded or off by configuration.
-//! Tokens are compared in constant time and never logged; the file is re-read while the broker
-//! runs, so a rotated Secret takes effect without a restart.
+//! Tokens are compared in constant time and never logged, and no message about the file quotes
+//! any of its fields (only line numbers and field positions). The file is re-read while the
+//! broker runs, so a rotated Secret takes effect without a restart; see [`Tokens::reload`] for
+//! what a broken, unreadable or vanished file means.
 
 use std::{
     fmt,
     path::{Path, PathBuf},
     sync::{Arc, RwLock},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use clap::ValueEnum;
@@ -40,6 +45,9 @@ use crate::validate;
 /// Shortest token accepted in the file: guessing must stay out of reach.
 pub const MIN_TOKEN_BYTES: usize = 16;
 
+/// Longest grant name: shorter than any token, so swapped fields cannot pass for a grant.
+pub const MAX_NAME_BYTES: usize = MIN_TOKEN_BYTES - 1;
+
 /// What a role allows, as a set of bits so a grant can hold several.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Roles(u8);
@@ -51,6 +59,8 @@ impl Roles {
     pub const WORKER: Self = Self(2);
     /// Everything.
     pub const ADMIN: Self = Self(4);
+    /// SealQueue, on the queues the grant's patterns allow.
+    pub const SEALER: Self = Self(8);
 
     /// Whether any role of `self` is in `other`.
     pub fn intersects(self, other: Self) -> bool {
@@ -61,19 +71,18 @@ impl Roles {
         Self(self.0 | other.0)
     }
 
-    fn parse(text: &str) -> Result<Self, String> {
+    /// The roles of a comma-separated list, or None when one is unknown (the caller reports
+    /// it without quoting the field).
+    fn parse(text: &str) -> Option<Self> {
         text.split(',').try_fold(Self::default(), |roles, role| {
             let role = match role {
                 "producer" => Self::PRODUCER,
                 "worker" => Self::WORKER,
+                "sealer" => Self::SEALER,
                 "admin" => Self::ADMIN,
-                other => {
-                    return Err(format!(
-                        "unknown role {other:?} (expected producer, worker or admin)"
-                    ));
-                }
+                _ => return None,
             };
-            Ok(roles.union(role))
+            Some(roles.union(role))
         })
     }
 }
@@ -83,6 +92,7 @@ impl fmt::Display for Roles {
         let names: Vec<&str> = [
             (Self::PRODUCER, "producer"),
             (Self::WORKER, "worker"),
+            (Self::SEALER, "sealer"),
             (Self::ADMIN, "admin"),
         ]
         .into_iter()
@@ -203,7 +213,8 @@ impl TokenTable {
     /// Parses the token file format described in the module documentation.
     ///
     /// # Errors
-    /// A message naming the line and what is wrong with it (never quoting a token).
+    /// A message naming the line, the field's position and what is wrong with it. It never
+    /// quotes a field: with fields in the wrong order, any of them may be a token.
     pub fn parse(text: &str) -> Result<Self, String> {
         let mut entries: Vec<(Vec<u8>, Arc<Grant>)> = Vec::new();
         for (index, line) in text.lines().enumerate() {
@@ -222,14 +233,35 @@ impl TokenTable {
             };
             if token.len() < MIN_TOKEN_BYTES {
                 return Err(format!(
-                    "line {line_no} ({name}): the token must be at least {MIN_TOKEN_BYTES} characters"
+                    "line {line_no}: field 1 (the token) must be at least {MIN_TOKEN_BYTES} \
+                     characters; the fields are TOKEN NAME ROLES [QUEUE-PATTERN…], in this order"
                 ));
             }
-            let roles = Roles::parse(roles).map_err(|e| format!("line {line_no} ({name}): {e}"))?;
+            let name_ok = name.len() <= MAX_NAME_BYTES
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !name_ok {
+                return Err(format!(
+                    "line {line_no}: field 2 (the name) must be 1-{MAX_NAME_BYTES} characters of \
+                     [A-Za-z0-9._-]; the fields are TOKEN NAME ROLES [QUEUE-PATTERN…], in this \
+                     order"
+                ));
+            }
+            let roles = Roles::parse(roles).ok_or_else(|| {
+                format!(
+                    "line {line_no}: field 3 (the roles) must be a comma-separated list of \
+                     producer, worker, sealer and admin"
+                )
+            })?;
             let queues = fields
-                .map(|pattern| {
+                .enumerate()
+                .map(|(index, pattern)| {
                     glob::Pattern::new(pattern).map_err(|e| {
-                        format!("line {line_no} ({name}): bad queue pattern {pattern:?}: {e}")
+                        format!(
+                            "line {line_no}: field {} (a queue pattern) is not a valid glob: {e}",
+                            index + 4
+                        )
                     })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
@@ -238,7 +270,7 @@ impl TokenTable {
                 .any(|(known, _)| bool::from(known.as_slice().ct_eq(token.as_bytes())))
             {
                 return Err(format!(
-                    "line {line_no} ({name}): the same token appears twice"
+                    "line {line_no}: field 1 (the token) is the token of an earlier line too"
                 ));
             }
             let grant = Grant {
@@ -283,7 +315,8 @@ impl TokenTable {
         self.entries.len()
     }
 
-    /// Whether the table holds no grants (never true for a parsed file).
+    /// Whether the table holds no grants (never true for a parsed file; true once a vanished
+    /// file's tokens were revoked).
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -328,6 +361,7 @@ fn required_access(path: &str, reflection: ReflectionAccess) -> Access {
         ("wq.v1.WorkQueueService", "Lease" | "ExtendLease" | "Complete" | "Fail" | "Release") => {
             WORKER
         }
+        ("wq.v1.QueueAdminService", "SealQueue") => Roles::SEALER,
         // QueueAdminService, and anything added later that nobody thought about here.
         _ => Roles::ADMIN,
     };
@@ -361,10 +395,35 @@ impl Tokens {
         }
     }
 
-    /// Re-reads the file every `interval` until `stop`; a file that no longer parses keeps the
-    /// previous table in force and is logged (without tokens), so a bad edit locks nobody out.
-    pub async fn reload(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+    fn install(&self, table: TokenTable) {
+        let table = Arc::new(table);
+        match self.table.write() {
+            Ok(mut current) => *current = table,
+            Err(poisoned) => *poisoned.into_inner() = table,
+        }
+    }
+
+    /// Re-reads the file every `interval` until `stop`:
+    ///
+    /// - a changed file that parses replaces the table;
+    /// - a changed file that does not parse keeps the previous table in force, so a bad edit
+    ///   locks nobody out;
+    /// - a file that cannot be read (removed, or made unreadable) keeps the previous table for
+    ///   `missing_grace`, long enough to ride out a Kubernetes Secret update (an atomic symlink
+    ///   swap), and then revokes every token: removing the file is how to lock everyone out.
+    ///   When it is readable again, its tokens are in force again.
+    ///
+    /// Each change of state is logged once (never with a token or any field of the file), not
+    /// every round.
+    pub async fn reload(
+        self: Arc<Self>,
+        interval: Duration,
+        missing_grace: Duration,
+        stop: CancellationToken,
+    ) {
+        let path = self.path.display().to_string();
         let mut last_text = std::fs::read_to_string(&self.path).ok();
+        let mut state = FileState::InForce;
         loop {
             tokio::select! {
                 () = stop.cancelled() => return,
@@ -373,7 +432,34 @@ impl Tokens {
             let text = match std::fs::read_to_string(&self.path) {
                 Ok(text) => text,
                 Err(error) => {
-                    tracing::error!(path = %self.path.display(), %error, "cannot re-read the token file; keeping the tokens in force");
+                    // Whatever comes back is news, even the same text.
+                    last_text = None;
+                    state = match state {
+                        FileState::InForce | FileState::Invalid => {
+                            tracing::warn!(
+                                %path,
+                                %error,
+                                grace = %humantime::format_duration(missing_grace),
+                                "cannot read the token file; its tokens stay in force for \
+                                 --auth-missing-grace, then all are revoked"
+                            );
+                            FileState::Missing {
+                                since: Instant::now(),
+                            }
+                        }
+                        FileState::Missing { since } if since.elapsed() >= missing_grace => {
+                            self.install(TokenTable::default());
+                            tracing::error!(
+                                %path,
+                                %error,
+                                "the token file stayed unreadable for --auth-missing-grace: every \
+                                 token is revoked, and every call is refused as UNAUTHENTICATED \
+                                 until the file is back"
+                            );
+                            FileState::Revoked
+                        }
+                        unchanged @ (FileState::Missing { .. } | FileState::Revoked) => unchanged,
+                    };
                     continue;
                 }
             };
@@ -382,20 +468,43 @@ impl Tokens {
             }
             match TokenTable::parse(&text) {
                 Ok(table) => {
-                    tracing::info!(path = %self.path.display(), grants = table.len(), "token file reloaded");
-                    let table = Arc::new(table);
-                    match self.table.write() {
-                        Ok(mut current) => *current = table,
-                        Err(poisoned) => *poisoned.into_inner() = table,
+                    let grants = table.len();
+                    self.install(table);
+                    match state {
+                        FileState::InForce | FileState::Invalid => {
+                            tracing::info!(%path, grants, "token file reloaded");
+                        }
+                        FileState::Missing { .. } | FileState::Revoked => {
+                            tracing::info!(%path, grants, "the token file is back; its tokens are in force");
+                        }
                     }
+                    state = FileState::InForce;
                 }
                 Err(error) => {
-                    tracing::error!(path = %self.path.display(), %error, "the changed token file is invalid; keeping the tokens in force");
+                    if state == FileState::Revoked {
+                        tracing::error!(%path, %error, "the token file is back but invalid; every call stays refused");
+                    } else {
+                        tracing::error!(%path, %error, "the changed token file is invalid; keeping the tokens in force");
+                        state = FileState::Invalid;
+                    }
                 }
             }
             last_text = Some(text);
         }
     }
+}
+
+/// Where [`Tokens::reload`] stands with the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileState {
+    /// The table in force is the file's.
+    InForce,
+    /// The file changed and does not parse; the last good table is in force.
+    Invalid,
+    /// The file cannot be read since `since`; the last table is in force for the grace period.
+    Missing { since: Instant },
+    /// It stayed unreadable past the grace period: the table is empty.
+    Revoked,
 }
 
 /// The authentication gate in front of every service (see the module documentation).
@@ -506,15 +615,19 @@ mod tests {
             ("", "holds no tokens"),
             (
                 "short name producer",
-                "line 1 (name): the token must be at least 16",
+                "line 1: field 1 (the token) must be at least 16",
             ),
             ("abcdefghijklmnopq name", "line 1: expected"),
-            ("abcdefghijklmnopq name boss", "unknown role \"boss\""),
-            ("abcdefghijklmnopq name admin [", "bad queue pattern"),
+            ("abcdefghijklmnopq name boss", "line 1: field 3 (the roles)"),
             (
-                "abcdefghijklmnopq a admin\nabcdefghijklmnopq b worker",
-                "line 2 (b): the same token appears twice",
+                "abcdefghijklmnopq name admin batch-* [",
+                "line 1: field 5 (a queue pattern) is not a valid glob",
             ),
+            (
+                "abcdefghijklmnopq first admin\nabcdefghijklmnopq second worker",
+                "line 2: field 1 (the token) is the token of an earlier line too",
+            ),
+            ("abcdefghijklmnopq a/b admin", "line 1: field 2 (the name)"),
         ] {
             let error = TokenTable::parse(text).expect_err(text);
             assert!(error.contains(expected), "{text:?} gave {error:?}");
@@ -522,6 +635,30 @@ mod tests {
                 !error.contains("abcdefghijklmnopq"),
                 "token leaked: {error}"
             );
+            assert_quotes_no_field(text, &error);
+        }
+    }
+
+    #[test]
+    fn swapped_fields_are_refused_without_quoting_any_field() {
+        const SECRET: &str = "3f1c0b5e9a7d4c2e8b6a0f1d3c5e7a9b";
+        for line in [
+            format!("ops {SECRET} admin"),
+            format!("seeder-for-batch {SECRET} producer"),
+            format!("{SECRET} admin ops"),
+            format!("admin ops {SECRET}"),
+        ] {
+            let error = TokenTable::parse(&line).expect_err(&line);
+            assert!(error.starts_with("line 1: field "), "{error}");
+            assert_quotes_no_field(&line, &error);
+        }
+    }
+
+    /// No field of `text` appears in `error`, except role names (the messages list them).
+    fn assert_quotes_no_field(text: &str, error: &str) {
+        let roles = ["producer", "worker", "sealer", "admin"];
+        for field in text.split_whitespace().filter(|f| !roles.contains(f)) {
+            assert!(!error.contains(field), "{text:?} quoted {field:?}: {error}");
         }
     }
 
@@ -542,6 +679,8 @@ mod tests {
         assert_eq!(needs("/wq.v1.WorkQueueService/Lease"), "worker,admin");
         assert_eq!(needs("/wq.v1.WorkQueueService/Release"), "worker,admin");
         assert_eq!(needs("/wq.v1.QueueAdminService/PurgeQueue"), "admin");
+        assert_eq!(needs("/wq.v1.QueueAdminService/SealQueue"), "sealer,admin");
+        assert_eq!(needs("/wq.v1.QueueAdminService/DeleteQueue"), "admin");
         assert_eq!(needs("/wq.v1.QueueAdminService/ListQueues"), "admin");
         assert_eq!(
             needs("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),

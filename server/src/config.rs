@@ -216,6 +216,10 @@ pub struct SecurityConfig {
     /// PEM CA bundle: when given, every client must present a certificate it signed.
     #[arg(long, env = "WQ_TLS_CLIENT_CA", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+
+    /// Limits against hostile callers (connections, streams, buffered bytes, timeouts).
+    #[command(flatten)]
+    pub limits: crate::limits::ConnectionLimits,
 }
 
 impl Default for BrokerConfig {

@@ -12,10 +12,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use tokio::{
-    sync::{Semaphore, oneshot},
-    time::Instant,
-};
+use tokio::{sync::oneshot, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -23,6 +20,7 @@ use crate::{
     lease_id::LeaseId,
     notify::Notifier,
     store::{LeaseBatch, Store},
+    waiting::Claim,
 };
 
 /// One validated Lease call.
@@ -59,12 +57,12 @@ impl LeaseCall {
 ///
 /// # Errors
 /// UNAVAILABLE when Redis does not answer; RESOURCE_EXHAUSTED when the call would wait and
-/// every waiting slot is taken.
+/// a waiting slot of the broker, the caller's grant or its connection is not free.
 pub async fn lease_or_wait(
     store: &Arc<Store>,
     notifier: &Notifier,
     call: &LeaseCall,
-    waiting_slots: &Semaphore,
+    waiting: &Claim,
     shutdown: &CancellationToken,
 ) -> Result<LeaseBatch> {
     let deadline = Instant::now() + call.max_wait;
@@ -92,13 +90,7 @@ pub async fn lease_or_wait(
         }
         if waiting_slot.is_none() {
             // Held until the call ends: each waiter costs a task, a timer and a Notify entry.
-            waiting_slot = Some(waiting_slots.try_acquire().map_err(|_| {
-                Error::ResourceExhausted(format!(
-                    "too many Lease calls are waiting for work in this broker (--max-waiting-leases {}); \
-                     retry later, spread workers over more replicas, or lease without max_wait",
-                    store.config().max_waiting_leases
-                ))
-            })?);
+            waiting_slot = Some(waiting.try_acquire()?);
         }
         let mut wake_at = match recheck {
             Some(recheck) => deadline.min(now + recheck),

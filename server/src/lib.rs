@@ -17,6 +17,8 @@
 //! - [`notify`], [`reaper`], [`health`]: the background tasks.
 //! - [`error`]: the error enum and its gRPC mapping.
 //! - [`auth`]: bearer tokens, roles and queue patterns; [`tls`]: the listener's TLS settings.
+//! - [`limits`]: connections, streams, buffered bytes and timeouts against hostile callers;
+//!   [`waiting`]: fair limits on waiting Lease calls.
 //! - [`dev`]: a private `redis-server` for `--dev` and tests; [`shutdown`]: signals.
 
 pub mod admin;
@@ -33,6 +35,7 @@ pub mod index;
 pub mod keys;
 pub mod lease;
 pub mod lease_id;
+pub mod limits;
 pub mod model;
 pub mod notify;
 pub mod reaper;
@@ -43,6 +46,7 @@ pub mod shutdown;
 pub mod store;
 pub mod tls;
 pub mod validate;
+pub mod waiting;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -89,6 +93,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     config.check().map_err(ServeError::Config)?;
+    let limits = config.security.limits.clone();
+    limits
+        .check(config.max_message_bytes)
+        .map_err(ServeError::Config)?;
     let tls = tls::server_config(&config.security).map_err(ServeError::Config)?;
     let tokens = match &config.security.auth_tokens {
         Some(path) => {
@@ -110,6 +118,9 @@ pub async fn serve(
     let stop = CancellationToken::new();
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    // Open to every caller, so its requests get the small limit (they are a few bytes).
+    let open_message_bytes = limits.open_message_bytes(config.max_message_bytes);
+    let health_service = health_service.max_decoding_message_size(open_message_bytes);
     // tonic-health starts the overall service as SERVING; nothing is served until Redis answers.
     health::set_all(&health_reporter, ServingStatus::NotServing).await;
     let background = [
@@ -134,7 +145,11 @@ pub async fn serve(
         )),
     ];
     let token_reload = tokens.as_ref().map(|tokens| {
-        tokio::spawn(Arc::clone(tokens).reload(config.security.auth_reload, stop.clone()))
+        tokio::spawn(Arc::clone(tokens).reload(
+            config.security.auth_reload,
+            limits.auth_missing_grace,
+            stop.clone(),
+        ))
     });
 
     let reflection = || {
@@ -143,8 +158,12 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
     // grpcurl 1.8 speaks only v1alpha reflection; newer tools use v1.
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let reflection_v1 = reflection()
+        .build_v1()?
+        .max_decoding_message_size(open_message_bytes);
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()?
+        .max_decoding_message_size(open_message_bytes);
 
     let broker = Broker::new(
         Arc::clone(&store),
@@ -160,21 +179,27 @@ pub async fn serve(
         .max_encoding_message_size(config.max_message_bytes);
 
     let address = listener.local_addr().ok();
-    tracing::info!(address = ?address, "wq-server listening");
-    // Nagle's algorithm with delayed ACKs holds small gRPC replies for up to 40 ms: off.
-    let incoming = tokio_stream::StreamExt::map(
-        tokio_stream::wrappers::TcpListenerStream::new(listener),
-        |conn| {
-            conn.inspect(|stream| {
-                if let Err(error) = stream.set_nodelay(true) {
-                    tracing::debug!(%error, "cannot disable Nagle on a connection");
-                }
-            })
-        },
+    tracing::info!(
+        address = ?address,
+        max_connections = limits.max_connections,
+        max_streams_per_connection = limits.max_streams_per_connection,
+        max_buffered_bytes = limits.max_buffered_bytes,
+        caller_memory_bound_mib = limits.stated_bound() >> 20,
+        "wq-server listening"
     );
+    let incoming = limits::incoming(listener, &limits);
+    let budget = Arc::new(limits::Budget::new(&limits, config.max_message_bytes));
     let stopping = stop.clone();
     let grace = config.shutdown_grace;
-    let mut builder = tonic::transport::Server::builder();
+    // Flow-control windows bound what a connection's unread data costs; the stream limit and
+    // the keepalive pings bound how many calls one peer runs and how long a dead peer is kept.
+    let mut builder = tonic::transport::Server::builder()
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .initial_stream_window_size(limits.stream_window)
+        .initial_connection_window_size(limits.connection_window)
+        .http2_max_header_list_size(limits::MAX_HEADER_LIST_BYTES)
+        .http2_keepalive_interval(Some(limits.keepalive_interval))
+        .http2_keepalive_timeout(Some(limits.keepalive_timeout));
     if let Some(tls) = tls {
         builder = builder.tls_config(tls)?;
     }
@@ -183,6 +208,7 @@ pub async fn serve(
     });
     let with_reflection = config.security.reflection != auth::ReflectionAccess::Off;
     let server = builder
+        .layer(limits::MeterLayer::new(budget))
         .layer(tower::util::MapResponseLayer::new(
             error::message_limit_as_resource_exhausted,
         ))

@@ -4,7 +4,6 @@
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use tracing::instrument;
@@ -20,6 +19,7 @@ use crate::{
     notify::Notifier,
     store::{FailOutcome, QueueSnapshot, Store},
     validate,
+    waiting::WaitingLimits,
 };
 
 /// Share of the caller's remaining deadline a waiting Lease may use, leaving time for the reply.
@@ -31,7 +31,7 @@ pub struct Broker {
     store: Arc<Store>,
     config: Arc<BrokerConfig>,
     notifier: Arc<Notifier>,
-    waiting_slots: Arc<Semaphore>,
+    waiting: WaitingLimits,
     shutdown: CancellationToken,
 }
 
@@ -44,7 +44,7 @@ impl Broker {
         shutdown: CancellationToken,
     ) -> Self {
         Self {
-            waiting_slots: Arc::new(Semaphore::new(config.max_waiting_leases)),
+            waiting: WaitingLimits::new(&config),
             store,
             config,
             notifier,
@@ -213,6 +213,7 @@ impl Broker {
         request: Request<pb::LeaseRequest>,
     ) -> Result<Response<pb::LeaseResponse>, Status> {
         let deadline = caller_deadline(&request);
+        let claim = self.waiting.claim(&request);
         let request = admit(request)?;
         validate::worker_id(&request.worker_id)?;
         let max_items = validate::max_items(&self.config, request.max_items)?;
@@ -230,14 +231,9 @@ impl Broker {
             return_if_drained: request.return_if_drained,
             return_if_sealed_and_drained: request.return_if_sealed_and_drained,
         };
-        let batch = lease::lease_or_wait(
-            &self.store,
-            &self.notifier,
-            &call,
-            &self.waiting_slots,
-            &self.shutdown,
-        )
-        .await?;
+        let batch =
+            lease::lease_or_wait(&self.store, &self.notifier, &call, &claim, &self.shutdown)
+                .await?;
         tracing::debug!(count = batch.items.len(), drained = batch.drained, "leased");
         let granted: Vec<LeaseId> = batch
             .items

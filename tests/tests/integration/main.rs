@@ -10,6 +10,7 @@ mod edges;
 mod enqueue;
 mod faults;
 mod fuzz;
+mod hostile;
 mod lease;
 mod lifecycle;
 mod limits;

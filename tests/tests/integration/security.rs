@@ -200,6 +200,54 @@ async fn tokens_admit_each_role_to_its_methods_and_queues_only() {
     assert!(admin.queue_state("payroll").await.expect("state").ready == 1);
 }
 
+/// The seeder of a Job needs to seal its queue when done, and nothing else of the admin service:
+/// the `sealer` role seals the queues its patterns allow, and is not admin.
+#[tokio::test]
+async fn a_sealer_seals_its_queues_but_cannot_delete_them() {
+    const SEALER: &str = "sealer-token-0123456789abc";
+    let redis = redis().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let table = format!(
+        "{}{SEALER} jobs-seeder producer,sealer jobs-*\n",
+        token_table()
+    );
+    let mut config = test_config();
+    config.security.auth_tokens = Some(write_tokens(dir.path(), &table));
+    let broker = Broker::start_with(&redis.url(), config).await;
+    let sealer = as_caller(&broker, Some(SEALER)).await;
+    let producer = as_caller(&broker, Some(PRODUCER)).await;
+
+    sealer
+        .enqueue("jobs-a", items(&["a"]))
+        .await
+        .expect("the sealer enqueues to its queue");
+    assert_eq!(code(producer.seal("jobs-b").await), Code::PermissionDenied);
+    assert_eq!(code(sealer.seal("payroll").await), Code::PermissionDenied);
+    sealer
+        .seal("jobs-a")
+        .await
+        .expect("the sealer seals its queue");
+    assert!(sealer.queue_state("jobs-a").await.expect("state").sealed);
+    assert_eq!(
+        code(sealer.enqueue("jobs-a", items(&["b"])).await),
+        Code::FailedPrecondition,
+        "a sealed queue takes no more items"
+    );
+    for refused in [
+        code(sealer.delete_queue("jobs-a").await),
+        code(sealer.pause("jobs-a").await),
+        code(sealer.purge("jobs-a", vec![pb::ItemState::Ready]).await),
+        code(sealer.list_queues().await),
+    ] {
+        assert_eq!(
+            refused,
+            Code::PermissionDenied,
+            "sealing is all a sealer may administer"
+        );
+    }
+    assert_eq!(sealer.queue_state("jobs-a").await.expect("state").ready, 1);
+}
+
 fn lease_request(queue: &str) -> pb::LeaseRequest {
     pb::LeaseRequest {
         queue: queue.to_owned(),
@@ -281,7 +329,10 @@ async fn a_broker_refuses_to_start_on_a_bad_token_file() {
     for (text, expected) in [
         ("", "holds no tokens"),
         ("short seeder producer", "at least 16"),
-        ("abcdefghijklmnopqrstuvwxyz seeder chef", "unknown role"),
+        (
+            "abcdefghijklmnopqrstuvwxyz seeder chef",
+            "field 3 (the roles)",
+        ),
     ] {
         let mut config = test_config();
         config.security.auth_tokens = Some(write_tokens(dir.path(), text));
