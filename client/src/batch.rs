@@ -1,4 +1,8 @@
 //! Enqueueing any number of items: batches of a fixed size with a bounded number in flight.
+//!
+//! Batches in flight together are separate calls, which the broker may apply in any order: with
+//! `in_flight` above 1 the queue's order is not the stream's. `wq seed` sends one batch at a
+//! time for that reason.
 
 use futures_util::{Stream, StreamExt, stream};
 
@@ -21,6 +25,8 @@ pub struct EnqueueSummary {
 impl Client {
     /// Enqueues every item of `items` in batches of `batch_size`, keeping at most `in_flight`
     /// batches outstanding; `progress` is called with the items done so far after each batch.
+    /// With `in_flight` 1 the items are enqueued in stream order; with more, batches may
+    /// overtake each other.
     /// Ids are assigned before sending (see [`Client::enqueue`]), so retried batches never
     /// duplicate. Stops at the first error; batches already sent stay enqueued.
     ///
@@ -58,7 +64,8 @@ impl Client {
         Ok(summary)
     }
 
-    /// [`Client::enqueue_all`] for an iterator.
+    /// [`Client::enqueue_all`] for an iterator, [`DEFAULT_IN_FLIGHT`] batches at once (so not
+    /// necessarily in order).
     ///
     /// # Errors
     /// The first batch's error.

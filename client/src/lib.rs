@@ -1,83 +1,41 @@
 //! wq-client: the typed async client of the wq broker.
 //!
-//! [`Client`] wraps both gRPC services of `wq.v1` on one connection. It adds what every caller
-//! would otherwise write again: a clear error when the broker cannot be reached, retries with
-//! backoff on UNAVAILABLE for the calls where a retry cannot do harm (reads, flag changes, and
-//! enqueues whose ids were assigned before the first try), and [`Client::enqueue_all`], which
-//! batches any stream of items with a bounded number of batches in flight.
+//! [`Client`] wraps both gRPC services of `wq.v1` (and the standard health service) on one
+//! connection. It adds what every caller would otherwise write again: a clear, one-line error
+//! when the broker cannot be reached or TLS fails, a deadline on every call, HTTP/2 keepalive,
+//! a message limit that fits the broker's (not tonic's 4 MiB), retries with backoff on
+//! UNAVAILABLE for the calls where a retry cannot do harm (reads, flag changes, and enqueues
+//! whose ids were assigned before the first try), and [`Client::enqueue_all`], which batches
+//! any stream of items.
 //!
 //! # Layout
 //!
-//! - this file: [`Client`], [`Error`], the retry policy;
-//! - [`connect`]: [`ConnectOptions`] (URL, TLS, bearer token) shared by every binary;
+//! - this file: [`Client`], its deadlines and the retry policy;
+//! - [`error`]: [`Error`], and [`one_line`], which every binary prints errors with;
+//! - [`connect`]: [`ConnectOptions`] (URL, TLS, bearer token, limits) shared by every binary;
 //! - [`batch`]: [`Client::enqueue_all`] and its [`EnqueueSummary`](batch::EnqueueSummary).
 
 pub mod batch;
 pub mod connect;
+pub mod error;
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
-pub use connect::{ConnectOptions, Credentials, DEFAULT_BROKER, Transport};
+pub use connect::{
+    ConnectOptions, Credentials, DEFAULT_BROKER, DEFAULT_CALL_TIMEOUT, DEFAULT_MAX_MESSAGE_BYTES,
+    Transport,
+};
+pub use error::{Error, Result, one_line};
 use pb::{
     queue_admin_service_client::QueueAdminServiceClient,
     work_queue_service_client::WorkQueueServiceClient,
 };
+use tokio::time::Instant;
 use tonic::{Code, Status, service::interceptor::InterceptedService, transport::Channel};
+/// What the standard health service reports for a service.
+pub use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 pub use wq_proto::v1 as pb;
-
-/// What a client call can fail with.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The broker URL cannot be used.
-    #[error("invalid broker URL {url:?}: {reason}")]
-    InvalidUrl {
-        /// The URL as given.
-        url: String,
-        /// Why it is invalid.
-        reason: String,
-    },
-    /// The TLS files or the token cannot be used.
-    #[error("{0}")]
-    Credentials(String),
-    /// The broker could not be reached.
-    #[error("cannot reach the broker at {url}: {source}")]
-    Connect {
-        /// The URL.
-        url: String,
-        /// The transport error.
-        source: tonic::transport::Error,
-    },
-    /// The broker answered with an error status.
-    #[error("{}: {}", code_name(.0.code()), .0.message())]
-    Status(#[from] Status),
-}
-
-impl Error {
-    /// The gRPC status code, when the broker answered.
-    pub fn code(&self) -> Option<Code> {
-        match self {
-            Self::Status(status) => Some(status.code()),
-            _ => None,
-        }
-    }
-}
-
-fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::InvalidArgument => "invalid argument",
-        Code::NotFound => "not found",
-        Code::FailedPrecondition => "failed precondition",
-        Code::ResourceExhausted => "resource exhausted",
-        Code::Unavailable => "broker unavailable",
-        Code::DeadlineExceeded => "deadline exceeded",
-        Code::Unauthenticated => "unauthenticated",
-        Code::PermissionDenied => "permission denied",
-        _ => "broker error",
-    }
-}
-
-/// Result of client calls.
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// How often, and how patiently, safe calls are retried on UNAVAILABLE.
 #[derive(Debug, Clone, Copy)]
@@ -105,7 +63,17 @@ impl Default for RetryPolicy {
 pub struct Client {
     work: WorkQueueServiceClient<Transport>,
     admin: QueueAdminServiceClient<Transport>,
+    health: HealthClient<Transport>,
     retry: RetryPolicy,
+    /// The deadline of every call (a Lease: its `max_wait` plus this). Enforced here, around
+    /// the whole call including its retries, so it holds whatever the connection does.
+    call_timeout: Duration,
+    /// The URL it connected to (None for [`Client::from_channel`]): named in TLS errors, and
+    /// probed when a plaintext connection breaks, to tell a TLS port from a broker that left.
+    url: Option<Arc<str>>,
+    /// For https: a handshake that hears whether the broker refuses our certificate, run when
+    /// a connection breaks without saying why.
+    tls_probe: Option<Arc<connect::TlsProbe>>,
 }
 
 /// A protobuf duration from a std one.
@@ -114,6 +82,16 @@ pub fn duration(d: Duration) -> prost_types::Duration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
     }
+}
+
+/// A std duration from a protobuf one; absent or negative is zero.
+fn std_duration(d: Option<&prost_types::Duration>) -> Duration {
+    d.map_or(Duration::ZERO, |d| {
+        Duration::new(
+            u64::try_from(d.seconds).unwrap_or(0),
+            u32::try_from(d.nanos).unwrap_or(0),
+        )
+    })
 }
 
 impl Client {
@@ -126,23 +104,36 @@ impl Client {
         Self::connect_with(&ConnectOptions::new(url)).await
     }
 
-    /// Connects as `options` say: TLS for https URLs, and the bearer token on every call.
+    /// Connects as `options` say: TLS for https URLs, the bearer token on every call, and
+    /// their message limit and call deadline.
     ///
     /// # Errors
-    /// [`Error::InvalidUrl`], [`Error::Credentials`] or [`Error::Connect`].
+    /// [`Error::InvalidUrl`], [`Error::Credentials`], [`Error::InvalidOption`], [`Error::Tls`]
+    /// or [`Error::Connect`].
     pub async fn connect_with(options: &ConnectOptions) -> Result<Self> {
-        let (channel, credentials) = options.connect().await?;
-        Ok(Self::from_channel(channel, credentials))
+        let (channel, credentials, tls_probe) = options.connect().await?;
+        let mut client = Self::from_channel(channel, credentials)
+            .with_max_message_bytes(options.max_message_bytes)
+            .with_call_timeout(options.call_timeout);
+        client.url = Some(options.full_url().into());
+        client.tls_probe = tls_probe;
+        Ok(client)
     }
 
-    /// Wraps an existing channel; `credentials` are added to every call.
+    /// Wraps an existing channel; `credentials` are added to every call. Messages up to
+    /// [`DEFAULT_MAX_MESSAGE_BYTES`] and calls up to [`DEFAULT_CALL_TIMEOUT`].
     pub fn from_channel(channel: Channel, credentials: Credentials) -> Self {
         let transport = InterceptedService::new(channel, credentials);
         Self {
             work: WorkQueueServiceClient::new(transport.clone()),
-            admin: QueueAdminServiceClient::new(transport),
+            admin: QueueAdminServiceClient::new(transport.clone()),
+            health: HealthClient::new(transport),
             retry: RetryPolicy::default(),
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            url: None,
+            tls_probe: None,
         }
+        .with_max_message_bytes(DEFAULT_MAX_MESSAGE_BYTES)
     }
 
     /// Replaces the retry policy.
@@ -151,38 +142,130 @@ impl Client {
         self
     }
 
-    /// The generated work-queue stub, for calls this type does not wrap.
+    /// Sets the largest message sent or received by every stub (at least 1 byte).
+    pub fn with_max_message_bytes(mut self, bytes: usize) -> Self {
+        let bytes = bytes.max(1);
+        self.work = self
+            .work
+            .max_decoding_message_size(bytes)
+            .max_encoding_message_size(bytes);
+        self.admin = self
+            .admin
+            .max_decoding_message_size(bytes)
+            .max_encoding_message_size(bytes);
+        self.health = self
+            .health
+            .max_decoding_message_size(bytes)
+            .max_encoding_message_size(bytes);
+        self
+    }
+
+    /// Sets the deadline of every call (a Lease: its `max_wait` plus this).
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    /// The generated work-queue stub, for calls this type does not wrap (with this client's
+    /// message limit, but neither its deadlines nor its error classification).
     pub fn work(&self) -> WorkQueueServiceClient<Transport> {
         self.work.clone()
     }
 
-    /// The generated admin stub.
+    /// The generated admin stub (see [`Client::work`]).
     pub fn admin(&self) -> QueueAdminServiceClient<Transport> {
         self.admin.clone()
     }
 
-    /// Runs `call` until it succeeds, fails with something other than UNAVAILABLE, or the
-    /// retry policy is spent. Only for calls that are safe to repeat.
-    async fn retrying<T, F, Fut>(&self, mut call: F) -> Result<T>
+    /// What a failed call's status means: a TLS failure no retry can fix, or the status.
+    async fn failure(&self, status: Status) -> Error {
+        let url = || {
+            self.url
+                .as_deref()
+                .unwrap_or("(the channel given)")
+                .to_owned()
+        };
+        if let Some(reason) = error::tls_failure(&status) {
+            return Error::Tls { url: url(), reason };
+        }
+        // Only a failure of the connection itself (a status with a source; the broker's own
+        // answers have none) can hide a TLS mismatch.
+        let Some(target) = self
+            .url
+            .as_deref()
+            .filter(|_| std::error::Error::source(&status).is_some())
+        else {
+            return Error::Status(status);
+        };
+        // A TLS port reached in plaintext just breaks the connection (broken pipe, reset,
+        // "operation was canceled"); only a look at what the port speaks tells why.
+        if target.starts_with("http://") && connect::speaks_tls(target).await {
+            return Error::Tls {
+                url: url(),
+                reason: "the broker speaks TLS on this port: use an https:// URL".into(),
+            };
+        }
+        // A broker refusing our certificate may not get to say so (see TlsProbe).
+        if let Some(probe) = &self.tls_probe
+            && let Some(refusal) = Arc::clone(probe).refusal().await
+            && let Some(reason) = error::tls_failure(&std::io::Error::other(refusal))
+        {
+            return Error::Tls { url: url(), reason };
+        }
+        Error::Status(status)
+    }
+
+    /// One attempt of the call `name`, which must end within `deadline`.
+    async fn once<T>(
+        &self,
+        name: &'static str,
+        deadline: Duration,
+        call: impl Future<Output = Result<tonic::Response<T>, Status>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(deadline, call).await {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(self.failure(status).await),
+            Err(_) => Err(Error::Deadline {
+                call: name,
+                after: deadline,
+            }),
+        }
+    }
+
+    /// Runs `call` until it succeeds, fails with something other than UNAVAILABLE, the retry
+    /// policy is spent, or the call's deadline (which covers every attempt) leaves no room for
+    /// another. Only for calls that are safe to repeat.
+    async fn retrying<T, F, Fut>(&self, name: &'static str, mut call: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
+        let deadline = Instant::now() + self.call_timeout;
         let mut delay = self.retry.first_delay;
         let mut attempt = 1;
         loop {
-            match call().await {
-                Ok(response) => return Ok(response.into_inner()),
-                Err(status)
-                    if status.code() == Code::Unavailable && attempt < self.retry.attempts =>
-                {
-                    let jitter = rand::random::<f64>() * 0.5 + 0.75;
-                    tokio::time::sleep(delay.mul_f64(jitter)).await;
-                    delay = (delay * 2).min(self.retry.max_delay);
-                    attempt += 1;
+            let attempted = tokio::time::timeout_at(deadline, call()).await;
+            let status = match attempted {
+                Ok(Ok(response)) => return Ok(response.into_inner()),
+                Ok(Err(status)) => status,
+                Err(_) => {
+                    return Err(Error::Deadline {
+                        call: name,
+                        after: self.call_timeout,
+                    });
                 }
-                Err(status) => return Err(status.into()),
+            };
+            let pause = delay.mul_f64(rand::random::<f64>() * 0.5 + 0.75);
+            let retry = status.code() == Code::Unavailable
+                && attempt < self.retry.attempts
+                && Instant::now() + pause < deadline
+                && error::tls_failure(&status).is_none();
+            if !retry {
+                return Err(self.failure(status).await);
             }
+            tokio::time::sleep(pause).await;
+            delay = (delay * 2).min(self.retry.max_delay);
+            attempt += 1;
         }
     }
 
@@ -190,7 +273,8 @@ impl Client {
     /// retry after UNAVAILABLE can never add an item twice.
     ///
     /// # Errors
-    /// The broker's status (INVALID_ARGUMENT, FAILED_PRECONDITION when sealed, …).
+    /// The broker's status (INVALID_ARGUMENT, FAILED_PRECONDITION when sealed, …), or
+    /// [`Error::Deadline`].
     pub async fn enqueue(
         &self,
         queue: &str,
@@ -206,7 +290,7 @@ impl Client {
             items,
         };
         let reply = self
-            .retrying(|| {
+            .retrying("Enqueue", || {
                 let mut work = self.work.clone();
                 let request = request.clone();
                 async move { work.enqueue(request).await }
@@ -216,17 +300,20 @@ impl Client {
     }
 
     /// Leases items (never retried: a lost reply may have leased items, which then expire).
+    /// Its deadline is its `max_wait` plus the call timeout.
     ///
     /// # Errors
-    /// The broker's status.
+    /// The broker's status, or [`Error::Deadline`].
     pub async fn lease(&self, request: pb::LeaseRequest) -> Result<pb::LeaseResponse> {
-        Ok(self.work.clone().lease(request).await?.into_inner())
+        let deadline = std_duration(request.max_wait.as_ref()).saturating_add(self.call_timeout);
+        let mut work = self.work.clone();
+        self.once("Lease", deadline, work.lease(request)).await
     }
 
     /// Extends leases.
     ///
     /// # Errors
-    /// The broker's status.
+    /// The broker's status, or [`Error::Deadline`].
     pub async fn extend_lease(
         &self,
         queue: &str,
@@ -238,19 +325,18 @@ impl Client {
             lease_ids,
             lease_duration: Some(duration(lease_duration)),
         };
+        let mut work = self.work.clone();
+        let call = work.extend_lease(request);
         Ok(self
-            .work
-            .clone()
-            .extend_lease(request)
+            .once("ExtendLease", self.call_timeout, call)
             .await?
-            .into_inner()
             .results)
     }
 
     /// Completes leases.
     ///
     /// # Errors
-    /// The broker's status.
+    /// The broker's status, or [`Error::Deadline`].
     pub async fn complete(
         &self,
         queue: &str,
@@ -260,27 +346,28 @@ impl Client {
             queue: queue.to_owned(),
             completions,
         };
+        let mut work = self.work.clone();
+        let call = work.complete(request);
         Ok(self
-            .work
-            .clone()
-            .complete(request)
+            .once("Complete", self.call_timeout, call)
             .await?
-            .into_inner()
             .results)
     }
 
     /// Reports a failed attempt.
     ///
     /// # Errors
-    /// The broker's status.
+    /// The broker's status, or [`Error::Deadline`].
     pub async fn fail(&self, request: pb::FailRequest) -> Result<pb::FailResponse> {
-        Ok(self.work.clone().fail(request).await?.into_inner())
+        let mut work = self.work.clone();
+        self.once("Fail", self.call_timeout, work.fail(request))
+            .await
     }
 
     /// Gives leases back.
     ///
     /// # Errors
-    /// The broker's status.
+    /// The broker's status, or [`Error::Deadline`].
     pub async fn release(
         &self,
         queue: &str,
@@ -290,21 +377,17 @@ impl Client {
             queue: queue.to_owned(),
             lease_ids,
         };
-        Ok(self
-            .work
-            .clone()
-            .release(request)
-            .await?
-            .into_inner()
-            .results)
+        let mut work = self.work.clone();
+        let call = work.release(request);
+        Ok(self.once("Release", self.call_timeout, call).await?.results)
     }
 
     /// Reads a queue's state (retried on UNAVAILABLE).
     ///
     /// # Errors
-    /// The broker's status.
+    /// The broker's status, or [`Error::Deadline`].
     pub async fn queue_state(&self, queue: &str) -> Result<pb::QueueStateResponse> {
-        self.retrying(|| {
+        self.retrying("QueueState", || {
             let mut work = self.work.clone();
             let queue = queue.to_owned();
             async move { work.queue_state(pb::QueueStateRequest { queue }).await }
@@ -318,7 +401,7 @@ impl Client {
     /// NOT_FOUND when the queue does not store it.
     pub async fn get_item(&self, queue: &str, id: &str) -> Result<Option<pb::Item>> {
         let reply = self
-            .retrying(|| {
+            .retrying("GetItem", || {
                 let mut work = self.work.clone();
                 let request = pb::GetItemRequest {
                     queue: queue.to_owned(),
@@ -330,16 +413,33 @@ impl Client {
         Ok(reply.item)
     }
 
+    /// Asks the standard `grpc.health.v1.Health/Check` about `service` (`""`: the broker as a
+    /// whole). One attempt: a probe wants the answer of now, not after retries.
+    ///
+    /// # Errors
+    /// NOT_FOUND for a service the broker does not know, a transport error, or
+    /// [`Error::Deadline`].
+    pub async fn health(&self, service: &str) -> Result<ServingStatus> {
+        let request = HealthCheckRequest {
+            service: service.to_owned(),
+        };
+        let mut health = self.health.clone();
+        let reply = self
+            .once("Health/Check", self.call_timeout, health.check(request))
+            .await?;
+        Ok(reply.status())
+    }
+
     /// Every used queue with its state, all pages.
     ///
     /// # Errors
-    /// The broker's status.
+    /// The broker's status, or [`Error::Deadline`] (per page).
     pub async fn list_queues(&self) -> Result<Vec<pb::QueueStateResponse>> {
         let mut queues = Vec::new();
         let mut page_token = String::new();
         loop {
             let page = self
-                .retrying(|| {
+                .retrying("ListQueues", || {
                     let mut admin = self.admin.clone();
                     let request = pb::ListQueuesRequest {
                         page_size: 1000,
@@ -359,9 +459,9 @@ impl Client {
     /// One page of a queue's items in one state.
     ///
     /// # Errors
-    /// The broker's status.
+    /// The broker's status, or [`Error::Deadline`].
     pub async fn list_items(&self, request: pb::ListItemsRequest) -> Result<pb::ListItemsResponse> {
-        self.retrying(|| {
+        self.retrying("ListItems", || {
             let mut admin = self.admin.clone();
             let request = request.clone();
             async move { admin.list_items(request).await }
@@ -372,46 +472,44 @@ impl Client {
     /// Requeues the given dead letters, or all with `ids` empty; returns how many.
     ///
     /// # Errors
-    /// The broker's status.
+    /// The broker's status, or [`Error::Deadline`].
     pub async fn requeue_dead(&self, queue: &str, ids: Vec<String>) -> Result<u64> {
         let request = pb::RequeueDeadRequest {
             queue: queue.to_owned(),
             all: ids.is_empty(),
             ids,
         };
+        let mut admin = self.admin.clone();
+        let call = admin.requeue_dead(request);
         Ok(self
-            .admin
-            .clone()
-            .requeue_dead(request)
+            .once("RequeueDead", self.call_timeout, call)
             .await?
-            .into_inner()
             .requeued_count)
     }
 
     /// Deletes the items in `states`; returns how many.
     ///
     /// # Errors
-    /// The broker's status.
+    /// The broker's status, or [`Error::Deadline`].
     pub async fn purge(&self, queue: &str, states: Vec<pb::ItemState>) -> Result<u64> {
         let request = pb::PurgeQueueRequest {
             queue: queue.to_owned(),
             states: states.into_iter().map(|s| s as i32).collect(),
         };
+        let mut admin = self.admin.clone();
+        let call = admin.purge_queue(request);
         Ok(self
-            .admin
-            .clone()
-            .purge_queue(request)
+            .once("PurgeQueue", self.call_timeout, call)
             .await?
-            .into_inner()
             .purged_count)
     }
 
     /// Pauses a queue (retried on UNAVAILABLE: setting a flag twice is harmless).
     ///
     /// # Errors
-    /// The broker's status.
+    /// The broker's status, or [`Error::Deadline`].
     pub async fn pause(&self, queue: &str) -> Result<()> {
-        self.retrying(|| {
+        self.retrying("PauseQueue", || {
             let mut admin = self.admin.clone();
             let queue = queue.to_owned();
             async move { admin.pause_queue(pb::PauseQueueRequest { queue }).await }
@@ -423,9 +521,9 @@ impl Client {
     /// Resumes a paused queue.
     ///
     /// # Errors
-    /// The broker's status.
+    /// The broker's status, or [`Error::Deadline`].
     pub async fn resume(&self, queue: &str) -> Result<()> {
-        self.retrying(|| {
+        self.retrying("ResumeQueue", || {
             let mut admin = self.admin.clone();
             let queue = queue.to_owned();
             async move { admin.resume_queue(pb::ResumeQueueRequest { queue }).await }
@@ -437,9 +535,9 @@ impl Client {
     /// Seals a queue: no more items will be accepted.
     ///
     /// # Errors
-    /// The broker's status.
+    /// The broker's status, or [`Error::Deadline`].
     pub async fn seal(&self, queue: &str) -> Result<()> {
-        self.retrying(|| {
+        self.retrying("SealQueue", || {
             let mut admin = self.admin.clone();
             let queue = queue.to_owned();
             async move { admin.seal_queue(pb::SealQueueRequest { queue }).await }
@@ -451,17 +549,16 @@ impl Client {
     /// Deletes a queue with all its items; returns how many items went.
     ///
     /// # Errors
-    /// The broker's status.
+    /// The broker's status, or [`Error::Deadline`].
     pub async fn delete_queue(&self, queue: &str) -> Result<u64> {
         let request = pb::DeleteQueueRequest {
             queue: queue.to_owned(),
         };
+        let mut admin = self.admin.clone();
+        let call = admin.delete_queue(request);
         Ok(self
-            .admin
-            .clone()
-            .delete_queue(request)
+            .once("DeleteQueue", self.call_timeout, call)
             .await?
-            .into_inner()
             .deleted_count)
     }
 }

@@ -41,18 +41,21 @@ pub struct RunSummary {
     pub refused: bool,
 }
 
-/// Status codes of a Lease that no retry can fix.
+/// Lease failures that no retry can fix: TLS that fails for good (an untrusted broker
+/// certificate, a missing or refused client certificate, a URL scheme the port does not speak)
+/// and the status codes of a caller the broker refuses.
 fn refused_for_good(error: &wq_client::Error) -> bool {
     use tonic::Code;
-    matches!(
-        error.code(),
-        Some(
-            Code::Unauthenticated
-                | Code::PermissionDenied
-                | Code::InvalidArgument
-                | Code::Unimplemented
+    matches!(error, wq_client::Error::Tls { .. })
+        || matches!(
+            error.code(),
+            Some(
+                Code::Unauthenticated
+                    | Code::PermissionDenied
+                    | Code::InvalidArgument
+                    | Code::Unimplemented
+            )
         )
-    )
 }
 
 /// A worker on one queue.

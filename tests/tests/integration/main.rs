@@ -4,6 +4,7 @@
 mod admin;
 mod bad_input;
 mod cli;
+mod cli_edges;
 mod client;
 mod deploy;
 mod edges;

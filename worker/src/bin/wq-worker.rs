@@ -139,25 +139,35 @@ async fn main() -> ExitCode {
 }
 
 /// Connects, retrying while the broker is not up yet (pods may start before it), for a minute.
+/// Settings that cannot work (a bad URL, unreadable TLS files or token, a TLS handshake that
+/// fails on certificates) end it at once: no retry would fix them.
 async fn connect(options: &ConnectOptions) -> Option<Client> {
     let mut delay = Duration::from_millis(200);
+    let mut last = None;
     for _ in 0..20 {
         match Client::connect_with(options).await {
             Ok(client) => return Some(client),
             Err(
-                error @ (wq_client::Error::InvalidUrl { .. } | wq_client::Error::Credentials(_)),
+                error @ (wq_client::Error::InvalidUrl { .. }
+                | wq_client::Error::Credentials(_)
+                | wq_client::Error::InvalidOption(_)
+                | wq_client::Error::Tls { .. }),
             ) => {
                 eprintln!("error: {error}");
                 return None;
             }
             Err(error) => {
                 tracing::warn!(%error, "broker not reachable yet; retrying");
+                last = Some(error);
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
         }
     }
-    eprintln!("error: cannot reach the broker at {}", options.full_url());
+    match last {
+        Some(error) => eprintln!("error: {error}"),
+        None => eprintln!("error: cannot reach the broker at {}", options.full_url()),
+    }
     None
 }
 

@@ -1,29 +1,37 @@
 //! `wq`: the command line of the wq broker. Seeds queues, inspects them and operates on them.
-//! Every error is one line on stderr and a non-zero exit status.
+//! Every error, a bad command line included, is one line on stderr and exit status 1; the
+//! other statuses are `wq wait`'s (see [`EXIT_STATUS`]).
 
-use std::{
-    io::{BufRead, IsTerminal as _},
-    path::PathBuf,
-    process::ExitCode,
-    time::{Duration, Instant},
-};
+use std::{future::Future, io::IsTerminal as _, process::ExitCode, time::Duration};
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::json;
-use wq_client::{Client, ConnectOptions, pb};
+use wq_client::{Client, ConnectOptions, ServingStatus, pb};
 
 mod output;
+mod seed;
 use output::{flags, print_state, state_json};
 
 /// Exit status of `wq wait` when its timeout ends first.
 const EXIT_TIMEOUT: u8 = 2;
+/// Exit status of `wq wait --require-exists` for a queue that has never been used.
+const EXIT_NEVER_USED: u8 = 3;
+
+/// Every exit status, for `--help`.
+const EXIT_STATUS: &str = "\
+Exit status:
+  0  success (wq wait: the queue is drained; wq health: the broker is SERVING)
+  1  an error, a bad command line included: one line on stderr
+  2  wq wait: --timeout ended first
+  3  wq wait --require-exists: the queue has never been used";
 
 #[derive(Debug, Parser)]
 #[command(
     name = "wq",
     version,
-    about = "Command line of the wq work-queue broker"
+    about = "Command line of the wq work-queue broker",
+    after_help = EXIT_STATUS
 )]
 struct Cli {
     /// Where the broker is, TLS and the bearer token.
@@ -37,26 +45,8 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Add items to a queue: the arguments, or the lines of --file, or of stdin.
-    Seed {
-        /// The queue.
-        queue: String,
-        /// Items (payloads). Without any, lines are read from --file or stdin.
-        items: Vec<String>,
-        /// Read one item per line from this file.
-        #[arg(long, conflicts_with = "items")]
-        file: Option<PathBuf>,
-        /// How items get their ids: `payload` (the item itself, so seeding twice adds nothing
-        /// new) or `uuid` (a fresh id per item).
-        #[arg(long, value_enum, default_value_t = IdScheme::Payload)]
-        ids: IdScheme,
-        /// Seal the queue when done: workers waiting with `--until sealed` then exit when it is
-        /// drained.
-        #[arg(long)]
-        seal: bool,
-        /// Items per Enqueue call.
-        #[arg(long, default_value_t = wq_client::batch::DEFAULT_BATCH)]
-        batch: usize,
-    },
+    #[command(after_help = seed::INPUT_RULES)]
+    Seed(seed::SeedArgs),
     /// Show a queue's counts and flags.
     State {
         /// The queue.
@@ -65,16 +55,17 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Wait until a queue is drained (exit 0), or the timeout ends (exit 2).
-    Wait {
-        /// The queue.
-        queue: String,
-        /// Wait until the queue is sealed *and* drained.
-        #[arg(long)]
-        sealed: bool,
-        /// Give up after this long (e.g. `90s`, `10m`).
-        #[arg(long, value_parser = humantime::parse_duration)]
-        timeout: Option<Duration>,
+    /// Wait until a queue is drained (exit 0), or the timeout ends (exit 2). A queue that was
+    /// never used counts as drained, with a warning; --require-exists makes it exit 3.
+    #[command(after_help = EXIT_STATUS)]
+    Wait(WaitArgs),
+    /// Check the broker's health (grpc.health.v1): exit 0 only when it is SERVING, for an
+    /// exec probe (it speaks TLS and sends the token like every other command).
+    #[command(after_help = EXIT_STATUS)]
+    Health {
+        /// The service to ask about; the default "" is the broker as a whole.
+        #[arg(long, default_value = "")]
+        service: String,
     },
     /// List every queue that has been used.
     Queues {
@@ -139,10 +130,21 @@ enum Command {
     },
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum IdScheme {
-    Payload,
-    Uuid,
+/// The flags of `wq wait`.
+#[derive(Debug, clap::Args)]
+struct WaitArgs {
+    /// The queue.
+    queue: String,
+    /// Wait until the queue is sealed *and* drained.
+    #[arg(long)]
+    sealed: bool,
+    /// Give up after this long (e.g. `90s`, `10m`), connecting included.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
+    /// Exit 3 instead of 0 when the queue has never been used (nothing ever enqueued, never
+    /// paused or sealed): most likely a misspelt name.
+    #[arg(long)]
+    require_exists: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -166,43 +168,75 @@ impl From<StateArg> for pb::ItemState {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage(&error),
+    };
     match run(cli).await {
         Ok(code) => code,
         Err(error) => {
-            // One line: the chain joined, never a backtrace.
-            eprintln!("error: {}", format!("{error:#}").replace('\n', " "));
+            eprintln!("error: {}", wq_client::one_line(error.as_ref()));
             ExitCode::FAILURE
         }
     }
 }
 
+/// Handles what clap made of the command line when it is not a command: help and the version
+/// print as usual (status 0); a mistake is one line and status 1 like any other error, so that
+/// status 2 means only "`wq wait` timed out".
+fn usage(error: &clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp | ErrorKind::DisplayVersion
+    ) {
+        let _ = error.print();
+        return ExitCode::SUCCESS;
+    }
+    // clap's text: a paragraph "error: <what>" (a list of missing arguments goes on over
+    // the next lines), then tips, "Usage: <usage>" and a pointer to --help.
+    let text = error.to_string();
+    let what = match error.kind() {
+        ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => "a command is needed".to_owned(),
+        _ => text
+            .lines()
+            .map(str::trim)
+            .skip_while(|line| line.is_empty())
+            .take_while(|line| !line.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
+    let what = match what.strip_prefix("error: ").unwrap_or(&what) {
+        "" => "invalid command line",
+        what => what,
+    };
+    match text
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("Usage: "))
+    {
+        Some(usage) => eprintln!("error: {what} (usage: {usage}; see --help)"),
+        None => eprintln!("error: {what} (see wq --help)"),
+    }
+    ExitCode::FAILURE
+}
+
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let client = Client::connect_with(&cli.connection).await?;
+    let connect = || Client::connect_with(&cli.connection);
     match cli.command {
-        Command::Seed {
-            queue,
-            items,
-            file,
-            ids,
-            seal,
-            batch,
-        } => seed(&client, &queue, items, file, ids, seal, batch).await?,
+        Command::Seed(args) => seed::run(&connect().await?, args).await?,
         Command::State { queue, json } => {
-            let state = client.queue_state(&queue).await?;
+            let state = connect().await?.queue_state(&queue).await?;
             if json {
                 println!("{}", state_json(&state));
             } else {
                 print_state(&state);
             }
         }
-        Command::Wait {
-            queue,
-            sealed,
-            timeout,
-        } => return wait(&client, &queue, sealed, timeout).await,
+        // Connecting is part of the wait: a frozen broker cannot outlast --timeout.
+        Command::Wait(args) => return wait(connect(), args).await,
+        Command::Health { service } => return health(&connect().await?, &service).await,
         Command::Queues { json } => {
-            let queues = client.list_queues().await?;
+            let queues = connect().await?.list_queues().await?;
             if json {
                 let all: Vec<_> = queues.iter().map(state_json).collect();
                 println!("{}", serde_json::Value::Array(all));
@@ -231,147 +265,117 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             limit,
             payloads,
             json,
-        } => items(&client, &queue, state, limit, payloads, json).await?,
+        } => items(&connect().await?, &queue, state, limit, payloads, json).await?,
         Command::Requeue { queue, ids, all } => {
             if ids.is_empty() && !all {
                 bail!("name the dead items to requeue, or pass --all");
             }
-            let count = client.requeue_dead(&queue, ids).await?;
+            let count = connect().await?.requeue_dead(&queue, ids).await?;
             println!("requeued {count} dead items in {queue}");
         }
         Command::Purge { queue, states } => {
-            let count = client
+            let count = connect()
+                .await?
                 .purge(&queue, states.into_iter().map(Into::into).collect())
                 .await?;
             println!("purged {count} items from {queue}");
         }
         Command::Pause { queue } => {
-            client.pause(&queue).await?;
+            connect().await?.pause(&queue).await?;
             println!("paused {queue}");
         }
         Command::Resume { queue } => {
-            client.resume(&queue).await?;
+            connect().await?.resume(&queue).await?;
             println!("resumed {queue}");
         }
         Command::Seal { queue } => {
-            client.seal(&queue).await?;
+            connect().await?.seal(&queue).await?;
             println!("sealed {queue}");
         }
         Command::Delete { queue } => {
-            let count = client.delete_queue(&queue).await?;
+            let count = connect().await?.delete_queue(&queue).await?;
             println!("deleted {queue} with {count} items");
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
-async fn seed(
-    client: &Client,
-    queue: &str,
-    args: Vec<String>,
-    file: Option<PathBuf>,
-    ids: IdScheme,
-    seal: bool,
-    batch: usize,
-) -> anyhow::Result<()> {
-    let lines: Vec<String> = if !args.is_empty() {
-        args
-    } else if let Some(path) = &file {
-        let file =
-            std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-        read_lines(std::io::BufReader::new(file))
-            .with_context(|| format!("cannot read {}", path.display()))?
-    } else {
-        if std::io::stdin().is_terminal() {
-            eprintln!("reading items from stdin, one per line (Ctrl-D to end)");
-        }
-        read_lines(std::io::stdin().lock()).context("cannot read stdin")?
-    };
-    let mut items = Vec::with_capacity(lines.len());
-    for (index, line) in lines.into_iter().enumerate() {
-        let id = match ids {
-            IdScheme::Uuid => String::new(),
-            IdScheme::Payload => {
-                if line.is_empty() || line.len() > 128 || line.chars().any(char::is_control) {
-                    bail!(
-                        "item {} cannot be its own id (empty, over 128 bytes or control \
-                         characters); use --ids uuid",
-                        index + 1
-                    );
-                }
-                line.clone()
-            }
-        };
-        items.push(pb::EnqueueItem {
-            id,
-            payload: line.into_bytes().into(),
-            ..Default::default()
-        });
-    }
-    let total = items.len() as u64;
-    let bar = (std::io::stderr().is_terminal() && total >= 1000).then(|| {
-        let bar = indicatif::ProgressBar::new(total);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} items {per_sec}")
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar
-    });
-    let summary = client
-        .enqueue_all(
-            queue,
-            futures_util::stream::iter(items),
-            batch,
-            wq_client::batch::DEFAULT_IN_FLIGHT,
-            |done| {
-                if let Some(bar) = &bar {
-                    bar.set_position(done);
-                }
-            },
-        )
-        .await?;
-    if let Some(bar) = bar {
-        bar.finish_and_clear();
-    }
-    println!(
-        "added {} items to {queue}, {} duplicates",
-        summary.added, summary.duplicates
-    );
-    if seal {
-        client.seal(queue).await?;
-        println!("sealed {queue}");
-    }
-    Ok(())
-}
-
-fn read_lines(reader: impl BufRead) -> std::io::Result<Vec<String>> {
-    reader
-        .lines()
-        .filter(|line| !matches!(line, Ok(l) if l.is_empty()))
-        .collect()
-}
-
+/// `wq wait`: polls the queue's state until it is drained (and sealed, with --sealed), all of
+/// it, connecting included, within --timeout.
 async fn wait(
-    client: &Client,
-    queue: &str,
-    sealed: bool,
-    timeout: Option<Duration>,
+    connect: impl Future<Output = wq_client::Result<Client>>,
+    args: WaitArgs,
 ) -> anyhow::Result<ExitCode> {
-    let started = Instant::now();
     let bar = std::io::stderr()
         .is_terminal()
         .then(indicatif::ProgressBar::new_spinner);
+    let mut last = None;
+    let watch = watch(connect, &args, &mut last, bar.as_ref());
+    let outcome = match args.timeout {
+        Some(limit) => tokio::time::timeout(limit, watch).await.ok(),
+        None => Some(watch.await),
+    };
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    if let Some(outcome) = outcome {
+        return outcome;
+    }
+    let queue = &args.queue;
+    match last {
+        Some(state) => eprintln!(
+            "timed out: {queue} still has {} ready, {} leased, {} delayed{}",
+            state.ready,
+            state.leased,
+            state.delayed,
+            if args.sealed && !state.sealed {
+                " and is not sealed"
+            } else {
+                ""
+            }
+        ),
+        None => eprintln!("timed out: the broker did not tell the state of {queue} in time"),
+    }
+    Ok(ExitCode::from(EXIT_TIMEOUT))
+}
+
+/// The loop of `wq wait`, keeping the last state it read in `last` for the timeout message.
+async fn watch(
+    connect: impl Future<Output = wq_client::Result<Client>>,
+    args: &WaitArgs,
+    last: &mut Option<pb::QueueStateResponse>,
+    bar: Option<&indicatif::ProgressBar>,
+) -> anyhow::Result<ExitCode> {
+    let queue = &args.queue;
+    let client = connect.await?;
+    let mut first = true;
     loop {
         let state = client.queue_state(queue).await?;
-        let done = state.drained && (!sealed || state.sealed);
-        if let Some(bar) = &bar {
+        // QueueState cannot tell a queue that never existed from an empty one; what it can
+        // tell is that nothing was ever enqueued and no flag was ever set.
+        if first && state.enqueued_total == 0 && !state.paused && !state.sealed {
+            if args.require_exists {
+                eprintln!(
+                    "error: queue {queue:?} has never been used (nothing was ever enqueued, \
+                     and it was never paused or sealed)"
+                );
+                return Ok(ExitCode::from(EXIT_NEVER_USED));
+            }
+            eprintln!(
+                "warning: queue {queue:?} has never been used; it counts as drained \
+                 (--require-exists makes this an error)"
+            );
+        }
+        first = false;
+        let done = state.drained && (!args.sealed || state.sealed);
+        if let Some(bar) = bar {
             bar.set_message(format!(
                 "{queue}: {} ready, {} leased, {} delayed, {} completed{}",
                 state.ready,
                 state.leased,
                 state.delayed,
                 state.completed_total,
-                if sealed && !state.sealed {
+                if args.sealed && !state.sealed {
                     ", not sealed yet"
                 } else {
                     ""
@@ -385,30 +389,34 @@ async fn wait(
             }
             println!(
                 "{queue} is {}drained: {} completed, {} dead",
-                if sealed { "sealed and " } else { "" },
+                if args.sealed { "sealed and " } else { "" },
                 state.completed_total,
                 state.dead
             );
             return Ok(ExitCode::SUCCESS);
         }
-        if timeout.is_some_and(|t| started.elapsed() >= t) {
-            if let Some(bar) = bar {
-                bar.finish_and_clear();
-            }
-            eprintln!(
-                "timed out: {queue} still has {} ready, {} leased, {} delayed{}",
-                state.ready,
-                state.leased,
-                state.delayed,
-                if sealed && !state.sealed {
-                    " and is not sealed"
-                } else {
-                    ""
-                }
-            );
-            return Ok(ExitCode::from(EXIT_TIMEOUT));
-        }
+        *last = Some(state);
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// `wq health`: SERVING is exit 0; anything else is an error line and exit 1.
+async fn health(client: &Client, service: &str) -> anyhow::Result<ExitCode> {
+    let name = if service.is_empty() {
+        "the broker".to_owned()
+    } else {
+        format!("service {service:?}")
+    };
+    match client.health(service).await {
+        Ok(ServingStatus::Serving) => {
+            println!("SERVING");
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(status) => bail!("{name} is {}", status.as_str_name()),
+        Err(error) if error.code() == Some(tonic::Code::NotFound) => {
+            bail!("the broker does not know the {name}")
+        }
+        Err(error) => Err(error.into()),
     }
 }
 
