@@ -8,22 +8,24 @@
 //! frame to tonic at once and gives the window back, and tonic keeps the bytes until the whole
 //! message (up to `--max-message-bytes`, 16 MiB) is there. One connection with 100 streams, each
 //! 4 MiB into a 16 MiB Enqueue, grew the broker by 400 MiB. So every call is metered here
-//! ([`MeterLayer`]): on arrival its header bytes plus [`CALL_OVERHEAD_BYTES`], taken at once or
-//! refused with RESOURCE_EXHAUSTED; and when a message's 5-byte gRPC prefix arrives, the whole
-//! length it announces, waited for before tonic sees a byte of it. A call that waits holds no
-//! more than its stream's flow-control window, because nobody reads its stream meanwhile. The
-//! charges are released when the call has ended (the handler returned and the request body was
-//! dropped). Each connection may hold `--max-buffered-bytes-per-connection` of the
-//! `--max-buffered-bytes` of the whole broker, so one connection cannot starve the rest.
+//! ([`MeterLayer`]): on arrival its header bytes plus [`CALL_OVERHEAD_BYTES`] (and
+//! [`RECEIVE_OVERHEAD_BYTES`] until its request has arrived), taken at once or refused with
+//! RESOURCE_EXHAUSTED; and when a message's 5-byte gRPC prefix arrives, the whole length it
+//! announces, before tonic sees a byte of it. A message that finds no room waits up to
+//! [`ROOM_WAIT`] (its stream unread, so it holds no more than its flow-control window), then
+//! its call is refused. The charges are released when the call has ended (the handler returned
+//! and the request body was dropped). Each connection may hold
+//! `--max-buffered-bytes-per-connection` of the `--max-buffered-bytes` of the whole broker, so
+//! one connection cannot starve the rest.
 //!
 //! # What callers can make the broker hold
 //!
-//! At most `--max-buffered-bytes` (64 MiB) for calls, plus per connection its flow-control
-//! window (`--connection-window`, 256 KiB) and its fixed buffers (about 40 KiB measured), for up
-//! to `--max-connections` (256): 64 MiB + 256 × ~300 KiB ≈ 140 MiB by default, within a 256 MiB
-//! pod with the broker's own ~20 MiB. Waiting Leases add what they cost beyond their charge
-//! (`--max-waiting-leases`). Replies are not metered: each is at most `--max-message-bytes`,
-//! sent as the caller reads it (docs/RELIABILITY.md).
+//! At most `--max-buffered-bytes` (96 MiB) for calls, plus per connection its flow-control
+//! window (`--connection-window`, 256 KiB) and its own buffers (16 KiB measured, 32 KiB counted
+//! for TLS), for up to `--max-connections` (256): 96 MiB + 256 × 288 KiB ≈ 168 MiB by default
+//! ([`ConnectionLimits::stated_bound`]), within a 256 MiB pod with the broker's own ~20 MiB.
+//! Replies are not metered: a Lease or ListItems reply stops before `--max-reply-bytes`, and is
+//! sent as the caller reads it (docs/RELIABILITY.md, "What a hostile caller can do").
 //!
 //! # Slow and silent peers
 //!
@@ -88,7 +90,7 @@ pub const ROOM_WAIT: Duration = Duration::from_secs(1);
 #[derive(Debug, Clone, Args)]
 pub struct ConnectionLimits {
     /// Most TCP connections at once; more are closed as soon as they are accepted. Each costs
-    /// up to --connection-window plus about 40 KiB besides what --max-buffered-bytes meters.
+    /// up to --connection-window plus about 32 KiB besides what --max-buffered-bytes meters.
     #[arg(long, env = "WQ_MAX_CONNECTIONS", default_value_t = 256)]
     pub max_connections: usize,
 

@@ -1,18 +1,27 @@
-//! deploy/: the kustomize base renders offline, validates against the Kubernetes schemas, and its
-//! seed and worker Jobs, run as local processes with their own commands, args and env (tokens
-//! from the rendered Secrets; only the broker address pointed at a local broker that uses the
+//! deploy/: the kustomize base and the TLS overlay render offline and validate against the
+//! Kubernetes schemas; every pod passes the Pod Security "restricted" profile; the network
+//! policies let only the broker reach Redis and only labelled clients reach the broker; Redis'
+//! ACL, applied to a real redis-server, admits the broker with the rendered `WQ_REDIS_URL` and
+//! nothing else; the overlay's demo certificate serves the probes' `https://127.0.0.1`. The seed
+//! and worker Jobs, run as local processes with their own commands, args and env (tokens from
+//! the rendered Secrets; only the broker address pointed at a local broker that uses the
 //! Deployment's token table), do the walkthrough — so the manifests can never drift from the
-//! binaries' flags, and the demo tokens' roles are exactly enough.
+//! binaries' flags, and the demo tokens' roles are exactly enough (the seeder is not admin).
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
+use serde_json::Value;
 use tokio::{io::AsyncWriteExt as _, process::Command};
 use wq_tests::*;
 
 async fn render() -> String {
+    render_dir("deploy/base").await
+}
+
+async fn render_dir(dir: &str) -> String {
     let output = Command::new("kubectl")
         .arg("kustomize")
-        .arg(workspace().join("deploy/base"))
+        .arg(workspace().join(dir))
         .output()
         .await
         .unwrap_or_else(|e| {
@@ -59,25 +68,23 @@ async fn manifests_render_and_validate_against_kubernetes_schemas() {
     assert!(rendered.contains("parallelism: 2"));
     assert!(rendered.contains("appendfsync") && rendered.contains("always"));
     assert_eq!(
-        rendered.matches("runAsNonRoot: true").count(),
-        4,
-        "every pod runs as non-root"
-    );
-    assert_eq!(
-        rendered.matches("readOnlyRootFilesystem: true").count(),
-        4,
-        "every container has a read-only root filesystem"
-    );
-    assert_eq!(
         rendered.matches("kind: Secret").count(),
-        3,
-        "tokens travel in Secrets"
+        4,
+        "tokens and Redis' password travel in Secrets"
     );
     assert!(!rendered.contains("--token"), "no token on a command line");
+    let docs = documents(&rendered).await;
+    assert_eq!(assert_restricted(&docs), 4, "four pods, each restricted");
+    assert_network_policies(&docs);
+    validate(&rendered).await;
+}
+
+/// Checks `rendered` with kubernetes-validate, strictly (unknown fields are errors).
+async fn validate(rendered: &str) {
     let validated = pipe(
         tool("kubernetes-validate"),
         &["--strict".into(), "-".into()],
-        &rendered,
+        rendered,
     )
     .await;
     assert!(
@@ -86,6 +93,399 @@ async fn manifests_render_and_validate_against_kubernetes_schemas() {
         String::from_utf8_lossy(&validated.stdout),
         String::from_utf8_lossy(&validated.stderr)
     );
+}
+
+/// The rendered documents as JSON (PyYAML converts; every check is in Rust).
+async fn documents(rendered: &str) -> Vec<Value> {
+    let converted = pipe(
+        tool("python"),
+        &[
+            "-c".into(),
+            "import json, sys, yaml; json.dump([d for d in yaml.safe_load_all(sys.stdin) if d], sys.stdout)"
+                .into(),
+        ],
+        rendered,
+    )
+    .await;
+    assert!(
+        converted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&converted.stderr)
+    );
+    serde_json::from_slice(&converted.stdout).expect("JSON documents")
+}
+
+/// The documents of `kind` named `name` (a prefix, for generated Secret names).
+fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    docs.iter()
+        .find(|d| {
+            d["kind"] == kind
+                && d["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n == name || n.starts_with(&format!("{name}-")))
+        })
+        .unwrap_or_else(|| panic!("{kind} {name} is rendered"))
+}
+
+/// Every pod template satisfies the Pod Security Standards' "restricted" profile
+/// (<https://kubernetes.io/docs/concepts/security/pod-security-standards/>), plus this
+/// repository's own rules: no service account token, a read-only root filesystem. Returns how
+/// many pod templates there are.
+fn assert_restricted(docs: &[Value]) -> usize {
+    const VOLUME_KINDS: [&str; 8] = [
+        "configMap",
+        "csi",
+        "downwardAPI",
+        "emptyDir",
+        "ephemeral",
+        "persistentVolumeClaim",
+        "projected",
+        "secret",
+    ];
+    let mut pods = 0;
+    for doc in docs {
+        let pod = &doc["spec"]["template"]["spec"];
+        if pod.is_null() {
+            continue;
+        }
+        pods += 1;
+        let what = format!("{} {}", doc["kind"], doc["metadata"]["name"]);
+        assert_eq!(
+            pod["automountServiceAccountToken"], false,
+            "{what}: no API token"
+        );
+        for host in ["hostNetwork", "hostPID", "hostIPC"] {
+            assert_ne!(pod[host], true, "{what}: {host}");
+        }
+        let pod_context = &pod["securityContext"];
+        for volume in pod["volumes"].as_array().into_iter().flatten() {
+            let kinds: Vec<&String> = volume
+                .as_object()
+                .expect("a volume")
+                .keys()
+                .filter(|k| *k != "name")
+                .collect();
+            assert!(
+                kinds.iter().all(|k| VOLUME_KINDS.contains(&k.as_str())),
+                "{what}: volume {kinds:?}"
+            );
+        }
+        let containers = ["initContainers", "containers"]
+            .into_iter()
+            .flat_map(|list| pod[list].as_array().cloned().unwrap_or_default());
+        for container in containers {
+            let what = format!("{what} container {}", container["name"]);
+            let context = &container["securityContext"];
+            // A container's own setting wins over the pod's.
+            let setting = |key: &str| match &context[key] {
+                Value::Null => pod_context[key].clone(),
+                own => own.clone(),
+            };
+            assert_eq!(setting("runAsNonRoot"), true, "{what}: runAsNonRoot");
+            assert_ne!(setting("runAsUser"), 0, "{what}: runAsUser 0");
+            assert_eq!(
+                setting("seccompProfile")["type"],
+                "RuntimeDefault",
+                "{what}: seccompProfile"
+            );
+            assert_eq!(
+                context["allowPrivilegeEscalation"], false,
+                "{what}: allowPrivilegeEscalation"
+            );
+            assert_ne!(context["privileged"], true, "{what}: privileged");
+            let drop = context["capabilities"]["drop"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            assert!(
+                drop.contains(&Value::from("ALL")),
+                "{what}: capabilities.drop ALL"
+            );
+            for added in context["capabilities"]["add"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                assert_eq!(added, "NET_BIND_SERVICE", "{what}: capabilities.add");
+            }
+            assert_eq!(
+                context["readOnlyRootFilesystem"], true,
+                "{what}: read-only root"
+            );
+        }
+    }
+    pods
+}
+
+/// Only the broker reaches Redis; only pods labelled `wq-access: broker` reach the broker, and
+/// both Jobs carry the label.
+fn assert_network_policies(docs: &[Value]) {
+    let only_from = |policy: &Value, selector: (&str, &str), port: u64| {
+        let ingress = policy["spec"]["ingress"].as_array().expect("ingress rules");
+        assert_eq!(ingress.len(), 1, "{policy}");
+        let from = ingress[0]["from"].as_array().expect("from");
+        assert_eq!(from.len(), 1, "{policy}");
+        assert_eq!(
+            from[0]["podSelector"]["matchLabels"],
+            serde_json::json!({ selector.0: selector.1 }),
+            "{policy}"
+        );
+        assert_eq!(ingress[0]["ports"][0]["port"], port, "{policy}");
+        assert_eq!(
+            policy["spec"]["policyTypes"],
+            serde_json::json!(["Ingress"])
+        );
+    };
+    let redis = find(docs, "NetworkPolicy", "redis");
+    assert_eq!(redis["spec"]["podSelector"]["matchLabels"]["app"], "redis");
+    only_from(redis, ("app", "wq-server"), 6379);
+    let broker = find(docs, "NetworkPolicy", "wq-server");
+    assert_eq!(
+        broker["spec"]["podSelector"]["matchLabels"]["app"],
+        "wq-server"
+    );
+    only_from(broker, ("wq-access", "broker"), 50051);
+    for job in ["job-wq-seed", "job-wq-2"] {
+        let labels = &find(docs, "Job", job)["spec"]["template"]["metadata"]["labels"];
+        assert_eq!(labels["wq-access"], "broker", "{job} may reach the broker");
+    }
+    let redis_labels =
+        &find(docs, "StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"];
+    assert_ne!(redis_labels["wq-access"], "broker");
+}
+
+/// A Secret's value.
+fn secret(docs: &[Value], name: &str, key: &str) -> String {
+    use base64::Engine as _;
+    let data = find(docs, "Secret", name)["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("Secret {name} has {key}"));
+    // Kustomize breaks long values into lines.
+    let data: String = data.split_whitespace().collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .expect("base64 Secret data");
+    String::from_utf8(bytes).expect("UTF-8 Secret data")
+}
+
+/// Redis admits only the user `wq` of the rendered ACL, whose password is the one the broker's
+/// `WQ_REDIS_URL` is built from; a real redis-server with that ACL serves the broker (scripts,
+/// notifications) and refuses the `default` user, keys outside `wq:` and dangerous commands.
+#[tokio::test]
+async fn redis_admits_the_broker_with_its_secret_and_nobody_else() {
+    let docs = documents(&render().await).await;
+    let password = secret(&docs, "wq-redis", "password");
+    let acl = secret(&docs, "wq-redis", "users.acl");
+    let statefulset = find(&docs, "StatefulSet", "redis");
+    let args = statefulset["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    let args: Vec<&str> = args
+        .as_array()
+        .expect("args")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--aclfile", "/etc/redis/acl/users.acl"]),
+        "{args:?}"
+    );
+    // The broker's URL is built from the Secret by env interpolation, variable first.
+    let env = container_env(find(&docs, "Deployment", "wq-server"));
+    let position = |name: &str| env.iter().position(|e| e["name"] == name);
+    let (Some(var), Some(url)) = (position("REDIS_PASSWORD"), position("WQ_REDIS_URL")) else {
+        panic!("wq-server gets REDIS_PASSWORD and WQ_REDIS_URL: {env:?}");
+    };
+    assert!(
+        var < url,
+        "$(REDIS_PASSWORD) must be defined before WQ_REDIS_URL"
+    );
+    assert_eq!(env[var]["valueFrom"]["secretKeyRef"]["key"], "password");
+    let template = env[url]["value"].as_str().expect("a URL");
+    assert_eq!(template, "redis://wq:$(REDIS_PASSWORD)@redis:6379");
+
+    // The ACL stores the password's SHA-256, so Redis' files never hold it.
+    let hashed = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum runs");
+    let hashed = {
+        let mut child = hashed;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(password.as_bytes()).await.expect("write");
+        drop(stdin);
+        child.wait_with_output().await.expect("sha256sum ends")
+    };
+    let hash = String::from_utf8_lossy(&hashed.stdout)
+        .split_whitespace()
+        .next()
+        .expect("a hash")
+        .to_owned();
+    assert!(
+        acl.contains(&format!("#{hash}")),
+        "the ACL holds the password's hash: {acl}"
+    );
+    assert!(!acl.contains(&password), "the ACL holds no plain password");
+
+    // The same rules on a real Redis: each line becomes ACL SETUSER, `default` last.
+    let redis = redis().await;
+    let mut admin = redis_conn(&redis).await;
+    let mut lines: Vec<&str> = acl.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines.sort_by_key(|l| l.starts_with("user default "));
+    for line in lines {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words[0], "user", "{line}");
+        let mut command = ::redis::cmd("ACL");
+        command.arg("SETUSER").arg(&words[1..]);
+        let () = command.query_async(&mut admin).await.expect("ACL SETUSER");
+    }
+    let url = template
+        .replace("$(REDIS_PASSWORD)", &password)
+        .replace("@redis:6379", &format!("@127.0.0.1:{}", redis.port()));
+    let broker = Broker::start_with(&url, test_config()).await;
+    let mut client = broker.client().await;
+    let mut waiter = broker.client().await;
+    let waiting = tokio::spawn(async move {
+        lease_waiting(&mut waiter, "acl", Duration::from_secs(10), false).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    enqueue(&mut client, "acl", vec![item("through the ACL")]).await;
+    let leased = waiting.await.expect("the waiter");
+    assert_eq!(leased.items.len(), 1, "the notification reached the waiter");
+    assert_eq!(
+        complete(&mut client, "acl", &[leased.items[0].lease_id.clone()]).await,
+        [pb::LeaseOutcome::Ok]
+    );
+    assert!(state(&mut client, "acl").await.drained);
+
+    let refused = |url: String| async move {
+        let mut conn = ::redis::Client::open(url)
+            .expect("a URL")
+            .get_multiplexed_async_connection()
+            .await?;
+        ::redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    let port = redis.port();
+    assert!(
+        refused(format!("redis://127.0.0.1:{port}")).await.is_err(),
+        "default is off"
+    );
+    let mut wq = ::redis::Client::open(url.as_str())
+        .expect("a URL")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("wq logs in");
+    let outside: ::redis::RedisResult<()> = ::redis::cmd("SET")
+        .arg("other-app:key")
+        .arg("x")
+        .query_async(&mut wq)
+        .await;
+    assert!(outside.is_err(), "wq may not touch keys outside wq:");
+    let dangerous: ::redis::RedisResult<()> = ::redis::cmd("FLUSHALL").query_async(&mut wq).await;
+    assert!(dangerous.is_err(), "wq may not run FLUSHALL");
+}
+
+/// The env of the first container of `doc`'s pod template.
+fn container_env(doc: &Value) -> Vec<Value> {
+    doc["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// The TLS overlay renders and validates like the base, keeps every pod restricted, probes the
+/// broker with `wq health` over TLS, points the Jobs at `https://wq:50051` with the CA, and its
+/// demo certificate serves `https://127.0.0.1` and `https://localhost` to clients of that CA.
+#[tokio::test]
+async fn the_tls_overlay_serves_tls_and_probes_it_inside_the_pod() {
+    let rendered = render_dir("deploy/overlays/tls").await;
+    validate(&rendered).await;
+    let docs = documents(&rendered).await;
+    assert_eq!(assert_restricted(&docs), 4);
+    assert_network_policies(&docs);
+    let server = find(&docs, "Deployment", "wq-server");
+    let container = &server["spec"]["template"]["spec"]["containers"][0];
+    let env = container_env(server);
+    let value = |env: &[Value], name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        value(&env, "WQ_TLS_CERT").as_deref(),
+        Some("/etc/wq/tls/tls.crt")
+    );
+    assert_eq!(
+        value(&env, "WQ_TLS_KEY").as_deref(),
+        Some("/etc/wq/tls/tls.key")
+    );
+    let probe = serde_json::json!([
+        "wq",
+        "health",
+        "--broker",
+        "https://127.0.0.1:50051",
+        "--ca-file",
+        "/etc/wq/tls/ca.crt"
+    ]);
+    for kind in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(container[kind]["exec"]["command"], probe, "{kind}");
+        assert!(
+            container[kind]["grpc"].is_null(),
+            "{kind}: no plaintext gRPC probe"
+        );
+    }
+    let mounts = container["volumeMounts"].as_array().expect("mounts");
+    assert!(mounts.iter().any(|m| m["mountPath"] == "/etc/wq/tls"));
+    for job in ["job-wq-seed", "job-wq-2"] {
+        let pod = &find(&docs, "Job", job)["spec"]["template"]["spec"];
+        let containers = pod["containers"].as_array().expect("containers");
+        assert_eq!(containers.len(), 1, "{job}: one container");
+        let env = containers[0]["env"].as_array().cloned().unwrap_or_default();
+        assert_eq!(
+            value(&env, "WQ_BROKER").as_deref(),
+            Some("https://wq:50051"),
+            "{job}"
+        );
+        assert_eq!(
+            value(&env, "WQ_CA_FILE").as_deref(),
+            Some("/etc/wq/ca/ca.crt"),
+            "{job}"
+        );
+        let secret_name = pod["volumes"][0]["secret"]["secretName"]
+            .as_str()
+            .expect("a Secret");
+        assert!(
+            secret_name.starts_with("wq-ca-"),
+            "{job} gets the CA only: {secret_name}"
+        );
+    }
+    assert!(
+        !secret(&docs, "wq-ca", "ca.crt").contains("PRIVATE KEY"),
+        "clients get no key"
+    );
+
+    // The demo certificate, served by a broker, is good for both names the probes and the
+    // harness use, under the committed CA.
+    let certs = workspace().join("deploy/overlays/tls/certs");
+    let redis = redis().await;
+    let mut config = test_config();
+    config.security.tls_cert = Some(certs.join("tls.crt"));
+    config.security.tls_key = Some(certs.join("tls.key"));
+    let ca = std::fs::read(certs.join("ca.crt")).expect("the demo CA");
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&ca));
+    let broker = Broker::start_tls(&redis.url(), config, tls).await;
+    let probe_like = wq_client::Client::connect_with(&wq_client::ConnectOptions {
+        ca_file: Some(certs.join("ca.crt")),
+        ..wq_client::ConnectOptions::new(format!("https://127.0.0.1:{}", broker.address().port()))
+    })
+    .await
+    .expect("https://127.0.0.1 with the demo CA");
+    probe_like
+        .queue_state("q")
+        .await
+        .expect("a call over TLS to 127.0.0.1");
 }
 
 #[tokio::test]
