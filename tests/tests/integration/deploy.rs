@@ -2,7 +2,8 @@
 //! Kubernetes schemas; every pod passes the Pod Security "restricted" profile; the network
 //! policies let only the broker reach Redis and only labelled clients reach the broker; Redis'
 //! ACL, applied to a real redis-server, admits the broker with the rendered `WQ_REDIS_URL` and
-//! nothing else; the overlay's demo certificate serves the probes' `https://127.0.0.1`. The seed
+//! nothing else; the overlay's demo certificate serves its exec probe (`wq health`, run here
+//! against `https://127.0.0.1`). The seed
 //! and worker Jobs, run as local processes with their own commands, args and env (tokens from
 //! the rendered Secrets; only the broker address pointed at a local broker that uses the
 //! Deployment's token table), do the walkthrough — so the manifests can never drift from the
@@ -395,7 +396,8 @@ fn container_env(doc: &Value) -> Vec<Value> {
 
 /// The TLS overlay renders and validates like the base, keeps every pod restricted, probes the
 /// broker with `wq health` over TLS, points the Jobs at `https://wq:50051` with the CA, and its
-/// demo certificate serves `https://127.0.0.1` and `https://localhost` to clients of that CA.
+/// demo certificate serves `https://127.0.0.1` and `https://localhost` to clients of that CA:
+/// the probe's own command, run against a broker with that certificate, exits 0.
 #[tokio::test]
 async fn the_tls_overlay_serves_tls_and_probes_it_inside_the_pod() {
     let rendered = render_dir("deploy/overlays/tls").await;
@@ -486,6 +488,29 @@ async fn the_tls_overlay_serves_tls_and_probes_it_inside_the_pod() {
         .queue_state("q")
         .await
         .expect("a call over TLS to 127.0.0.1");
+    // The probe itself, its address and CA path pointed at this broker and the committed CA.
+    let port = broker.address().port();
+    let ca_path = certs.join("ca.crt").display().to_string();
+    let argv: Vec<String> = probe
+        .as_array()
+        .expect("the probe's command")
+        .iter()
+        .filter_map(Value::as_str)
+        .map(|arg| match arg {
+            "https://127.0.0.1:50051" => format!("https://127.0.0.1:{port}"),
+            "/etc/wq/tls/ca.crt" => ca_path.clone(),
+            other => other.to_owned(),
+        })
+        .collect();
+    let probed = Command::new(binary(&argv[0]))
+        .args(&argv[1..])
+        .output()
+        .await
+        .expect("the probe runs");
+    assert!(
+        probed.status.success(),
+        "the exec probe against a SERVING broker: {probed:?}"
+    );
 }
 
 #[tokio::test]
