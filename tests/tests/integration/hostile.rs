@@ -544,12 +544,11 @@ async fn connections_past_the_limit_are_closed_at_once_and_slots_come_back() {
         health_of(server.address, None).await == Some(ServingStatus::Serving)
     })
     .await;
+    // One warning per run of refusals (two, if the start-up check's connection was still
+    // held when the four were opened), not one per refused connection.
     let log = server.log();
-    assert_eq!(
-        log.matches("connection limit reached").count(),
-        1,
-        "one warning for a run of refusals: {log}"
-    );
+    let warnings = log.matches("connection limit reached").count();
+    assert!((1..=2).contains(&warnings), "{warnings} warnings: {log}");
 }
 
 /// A connection that carries no call within `--handshake-timeout` is closed, whatever it
