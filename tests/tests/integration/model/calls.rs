@@ -1,7 +1,7 @@
 //! The steps that call the work-queue API as a worker does (Enqueue, Lease, ExtendLease,
 //! Complete, Fail, Release), each applied to the model and its reply checked against it.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::{collections::HashMap, time::Duration};
 
 use proptest::{prelude::*, test_runner::TestCaseResult};
 use wq_server::lease_id::LeaseId;
@@ -9,18 +9,12 @@ use wq_tests::{duration, pb};
 
 use super::{
     BACKOFF_BASE, BACKOFF_CAP, BACKOFF_FACTOR, DEFAULT_MAX_ATTEMPTS, ENQUEUE_DELAY, EXTEND_TO,
-    LEASE_FOR, RETRY_LATER,
-    case::{CaseRun, failure, ms_of, pool_id, rpc_failed},
-    ops::{LeaseRef, NewItem, Queue, Retry},
-    queue_model::{Issued, ItemModel, Slot},
+    LEASE_FOR, PAYLOAD_LIMIT, REPLY_BUDGET, RETRY_LATER, TRACE_HEADER,
+    case::{CaseRun, failure, ms_of, now_ms, pool_id, rpc_failed},
+    invariants::{changed_keys, snapshot_keys},
+    ops::{LeaseRef, NewItem, Payload, Queue, Retry},
+    queue_model::{Issued, ItemModel, QueueModel, Slot, Span},
 };
-
-fn now_ms() -> i64 {
-    let since_epoch = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("the clock is after 1970");
-    i64::try_from(since_epoch.as_millis()).expect("milliseconds since 1970 fit in i64")
-}
 
 fn millis(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).expect("test durations fit in i64 milliseconds")
@@ -38,6 +32,31 @@ fn result_of(id: &str) -> Vec<u8> {
     format!("result of {id}").into_bytes()
 }
 
+/// A payload that names its item and step, padded with dots to the drawn size.
+fn payload_of(model: &QueueModel, spec: &NewItem, step: usize, position: usize) -> Vec<u8> {
+    let id = pool_id(spec.id);
+    let mut payload = format!("{id} of step {step}.{position}").into_bytes();
+    match spec.payload {
+        Payload::Text => {}
+        Payload::Bytes(len) => payload.resize(len, b'.'),
+        Payload::HalfBudget(offset) => {
+            let overhead = model.reply_overhead(&id, trace_of(spec).as_deref());
+            let half = i64::try_from(REPLY_BUDGET / 2 - overhead).expect("a small size");
+            let len = usize::try_from(half + i64::from(offset)).expect("a positive size");
+            payload.resize(len, b'.');
+        }
+    }
+    payload
+}
+
+/// The value of the item's trace header: one letter per pool id, so headers of different items
+/// differ, and ASCII, so its stored (JSON) length is predictable.
+fn trace_of(spec: &NewItem) -> Option<String> {
+    let letter = char::from(b'a' + u8::try_from(spec.id).expect("pool ids are small"));
+    spec.trace_len
+        .map(|len| std::iter::repeat_n(letter, len).collect())
+}
+
 impl CaseRun {
     pub(super) async fn enqueue(
         &mut self,
@@ -45,21 +64,26 @@ impl CaseRun {
         queue: Queue,
         items: &[NewItem],
     ) -> TestCaseResult {
-        let model = &mut self.queues[queue.index()];
+        let model = &self.queues[queue.index()];
         let sent: Vec<pb::EnqueueItem> = items
             .iter()
             .enumerate()
             .map(|(position, spec)| pb::EnqueueItem {
                 id: pool_id(spec.id),
-                payload: format!("{} of step {step}.{position}", pool_id(spec.id))
-                    .into_bytes()
-                    .into(),
+                payload: payload_of(model, spec, step, position).into(),
+                headers: trace_of(spec)
+                    .map(|value| HashMap::from([(TRACE_HEADER.to_owned(), value)]))
+                    .unwrap_or_default(),
                 priority: spec.priority,
                 max_attempts: spec.max_attempts,
                 delay: spec.delayed.then(|| duration(ENQUEUE_DELAY)),
                 ..pb::EnqueueItem::default()
             })
             .collect();
+        if sent.iter().any(|item| item.payload.len() > PAYLOAD_LIMIT) {
+            return self.enqueue_refused(queue, sent).await;
+        }
+        let model = &mut self.queues[queue.index()];
         let before = now_ms();
         let reply = self
             .client
@@ -72,18 +96,25 @@ impl CaseRun {
             .into_inner();
         let after = now_ms();
         prop_assert_eq!(reply.results.len(), sent.len());
-        for ((spec, item), result) in items.iter().zip(&sent).zip(&reply.results) {
-            // Within one batch a repeated id is a duplicate of the copy added just before.
-            let duplicate = model.items.contains_key(&item.id);
+        // Even a batch of duplicates records the queue's last activity.
+        model.activity();
+        for ((spec, item), result) in items.iter().zip(sent).zip(&reply.results) {
+            // Within one batch a repeated id is a duplicate of the copy added just before; an
+            // id that finished within the dedup window is one too.
+            let duplicate = model.knows(&item.id);
             prop_assert_eq!(&result.id, &item.id);
             prop_assert_eq!(
                 result.duplicate,
                 duplicate,
-                "duplicate flag of {}",
-                &item.id
+                "duplicate flag of {} (finished: {:?})",
+                &item.id,
+                model.finished.get(&item.id)
             );
             if duplicate {
                 self.tally.duplicates += 1;
+                if !model.items.contains_key(&item.id) {
+                    self.tally.finished_duplicates += 1;
+                }
                 continue;
             }
             model.seq += 1;
@@ -92,7 +123,8 @@ impl CaseRun {
             model.items.insert(
                 item.id.clone(),
                 ItemModel {
-                    payload: String::from_utf8_lossy(&item.payload).into_owned(),
+                    payload: item.payload.to_vec(),
+                    trace: trace_of(spec),
                     priority: spec.priority,
                     max_attempts: if spec.max_attempts == 0 {
                         DEFAULT_MAX_ATTEMPTS
@@ -100,6 +132,10 @@ impl CaseRun {
                         spec.max_attempts
                     },
                     seq: model.seq,
+                    enqueued: Span {
+                        earliest: before,
+                        latest: after,
+                    },
                     attempts: 0,
                     last_error: String::new(),
                     slot: if spec.delayed {
@@ -116,18 +152,63 @@ impl CaseRun {
         Ok(())
     }
 
-    pub(super) async fn lease(&mut self, queue: Queue, max_items: u32) -> TestCaseResult {
+    /// An Enqueue with a payload over the limit is refused whole, before anything is written.
+    async fn enqueue_refused(
+        &mut self,
+        queue: Queue,
+        sent: Vec<pb::EnqueueItem>,
+    ) -> TestCaseResult {
+        let before = self.snapshot(queue).await;
+        let refused = self
+            .client
+            .enqueue(pb::EnqueueRequest {
+                queue: self.queues[queue.index()].name.clone(),
+                items: sent,
+            })
+            .await
+            .err()
+            .map(|status| status.code());
+        prop_assert_eq!(
+            refused,
+            Some(tonic::Code::InvalidArgument),
+            "an Enqueue with a payload over {} bytes is refused",
+            PAYLOAD_LIMIT
+        );
+        let after = self.snapshot(queue).await;
+        prop_assert!(
+            before == after,
+            "a refused Enqueue changed the queue's keys: {:?}",
+            changed_keys(&before, &after)
+        );
+        self.tally.oversized += 1;
+        Ok(())
+    }
+
+    /// A Lease of up to `max_items`. `moving` names an item the Lease script itself makes ready
+    /// first (its expiry or due time was forced), which is changed even if it is not granted.
+    pub(super) async fn lease(
+        &mut self,
+        queue: Queue,
+        max_items: u32,
+        moving: Option<&str>,
+    ) -> TestCaseResult {
         let model = &mut self.queues[queue.index()];
-        let expected: Vec<String> = if model.paused {
-            Vec::new()
-        } else {
-            model
-                .ready_in_lease_order()
-                .into_iter()
-                .take(max_items as usize)
-                .map(|(id, _)| id)
+        let expected = model.lease_plan(max_items);
+        // When the reply budget ends the grant before its count does, the ready items left
+        // behind must stay exactly as they were: not leased, no attempt counted.
+        let ready = model.ready_in_lease_order();
+        let cut = !model.paused && expected.len() < ready.len().min(max_items as usize);
+        let left_behind: Vec<String> = if cut {
+            let prefix = model.item_prefix();
+            ready
+                .iter()
+                .filter(|(id, _)| !expected.contains(id) && Some(id.as_str()) != moving)
+                .map(|(id, _)| format!("{prefix}{id}"))
                 .collect()
+        } else {
+            Vec::new()
         };
+        let untouched = snapshot_keys(&mut self.conn, &left_behind).await;
         let reply = self
             .client
             .lease(pb::LeaseRequest {
@@ -144,9 +225,16 @@ impl CaseRun {
         prop_assert_eq!(
             &granted,
             &expected,
-            "Lease grants the highest-priority, longest-waiting ready items (paused: {})",
-            model.paused
+            "Lease grants the highest-priority, longest-waiting ready items within the reply \
+             budget (paused: {}; reply estimates of the ready items: {:?})",
+            model.paused,
+            model
+                .ready_in_lease_order()
+                .iter()
+                .map(|(id, item)| (id.clone(), model.reply_estimate(id, item)))
+                .collect::<Vec<_>>()
         );
+        prop_assert!(!reply.sealed, "the model never seals a queue");
         for leased in &reply.items {
             prop_assert!(
                 !model.issued.iter().any(|l| l.lease_id == leased.lease_id),
@@ -164,7 +252,13 @@ impl CaseRun {
             );
             prop_assert_eq!(leased.max_attempts, item.max_attempts);
             prop_assert_eq!(leased.priority, item.priority);
-            prop_assert_eq!(leased.payload.as_ref(), item.payload.as_bytes());
+            prop_assert_eq!(leased.payload.as_ref(), item.payload.as_slice());
+            prop_assert_eq!(
+                &leased.headers,
+                &item.headers(),
+                "headers of {}",
+                &leased.id
+            );
             item.slot = Slot::Leased {
                 lease_id: leased.lease_id.clone(),
                 expire_ms,
@@ -176,6 +270,14 @@ impl CaseRun {
         }
         prop_assert_eq!(reply.drained, model.drained(), "drained after Lease");
         self.tally.granted += reply.items.len() as u64;
+        if cut {
+            prop_assert!(
+                snapshot_keys(&mut self.conn, &left_behind).await == untouched,
+                "a ready item past the reply budget was changed: {:?}",
+                left_behind
+            );
+            self.tally.budget_cut += 1;
+        }
         Ok(())
     }
 
@@ -237,6 +339,7 @@ impl CaseRun {
         };
         // Completions take effect in request order: a lease given twice completes once.
         let mut live = Vec::with_capacity(lease_ids.len());
+        let mut finished = Vec::new();
         for lease_id in &lease_ids {
             let holder = model.holder_of(lease_id);
             live.push(holder.is_some());
@@ -250,6 +353,7 @@ impl CaseRun {
                 } else {
                     model.items.remove(&id);
                 }
+                finished.push(id);
             }
         }
         let before = self.unchanged_baseline(queue, &live).await;
@@ -265,6 +369,7 @@ impl CaseRun {
                 }
             })
             .collect();
+        let started = now_ms();
         let reply = self
             .client
             .complete(pb::CompleteRequest {
@@ -277,6 +382,15 @@ impl CaseRun {
         let outcomes: Vec<pb::LeaseOutcome> = reply.results.iter().map(|r| r.outcome()).collect();
         let expected: Vec<pb::LeaseOutcome> = live.iter().map(|&l| outcome(l)).collect();
         prop_assert_eq!(outcomes, expected, "Complete outcomes of {:?}", &lease_ids);
+        // Completed ids stay known for the dedup window, retained or not.
+        let span = Span {
+            earliest: started,
+            latest: now_ms(),
+        };
+        let model = &mut self.queues[queue.index()];
+        for id in finished {
+            model.finished.insert(id, span);
+        }
         self.tally.lost += live.iter().filter(|l| !**l).count() as u64;
         self.check_unchanged(queue, before).await
     }
@@ -294,7 +408,7 @@ impl CaseRun {
             return Ok(());
         };
         let holder = self.queues[queue.index()].holder_of(&lease_id);
-        let before_dump = self.unchanged_baseline(queue, &[holder.is_some()]).await;
+        let unchanged = self.unchanged_baseline(queue, &[holder.is_some()]).await;
         let error = format!("failed in step {step}");
         let before = now_ms();
         let reply = self
@@ -325,7 +439,7 @@ impl CaseRun {
             prop_assert_eq!(reply.state(), pb::ItemState::Unspecified);
             prop_assert_eq!(next_attempt, None);
             self.tally.lost += 1;
-            return self.check_unchanged(queue, before_dump).await;
+            return self.check_unchanged(queue, unchanged).await;
         };
         prop_assert_eq!(result.outcome(), pb::LeaseOutcome::Ok);
         let model = &mut self.queues[queue.index()];
@@ -359,7 +473,8 @@ impl CaseRun {
             };
             if longest == 0 {
                 prop_assert_eq!(reply.state(), pb::ItemState::Ready);
-                prop_assert_eq!(next_attempt, None);
+                let due = next_attempt.ok_or_else(|| failure("an immediate retry has no time"))?;
+                prop_assert!(before <= due && due <= after);
                 Slot::Ready
             } else {
                 prop_assert_eq!(reply.state(), pb::ItemState::Delayed);

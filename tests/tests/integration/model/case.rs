@@ -1,11 +1,18 @@
 //! One case: the model of its two queues and the connections that drive the broker, the loop
 //! that applies each step and checks the invariants after it, and the helpers every step shares.
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use proptest::test_runner::{TestCaseError, TestCaseResult};
 use redis::aio::MultiplexedConnection;
-use wq_tests::{AdminClient, Client};
+use wq_server::scripts::Scripts;
+use wq_tests::{AdminClient, BrokerConfig, Client};
 
-use super::{ops::Op, queue_model::QueueModel, world::Tally};
+use super::{
+    ops::{Op, Queue},
+    queue_model::{QueueModel, Slot},
+    world::Tally,
+};
 
 /// One case: the model of its two queues and the connections that drive the broker.
 pub(super) struct CaseRun {
@@ -13,6 +20,11 @@ pub(super) struct CaseRun {
     pub(super) admin: AdminClient,
     pub(super) conn: MultiplexedConnection,
     pub(super) key_prefix: String,
+    /// The configuration of the broker the case talks to, for the scripts the case runs itself.
+    pub(super) config: BrokerConfig,
+    /// The broker's scripts, for the steps that run one directly (a reaper pass, the first
+    /// step of DeleteQueue).
+    pub(super) scripts: Scripts,
     pub(super) keep_completed: bool,
     pub(super) queues: [QueueModel; 2],
     pub(super) tally: Tally,
@@ -31,6 +43,15 @@ pub(super) fn with_context(context: String) -> impl FnOnce(TestCaseError) -> Tes
         TestCaseError::Fail(reason) => failure(format!("{context}: {}", reason.message())),
         reject @ TestCaseError::Reject(_) => reject,
     }
+}
+
+/// The local clock in Unix ms. Redis runs on this machine, so its clock (which the scripts use)
+/// agrees with it.
+pub(super) fn now_ms() -> i64 {
+    let since_epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("the clock is after 1970");
+    i64::try_from(since_epoch.as_millis()).expect("milliseconds since 1970 fit in i64")
 }
 
 pub(super) fn ms_of(time: Option<&prost_types::Timestamp>) -> Option<i64> {
@@ -63,10 +84,21 @@ impl CaseRun {
         Ok(())
     }
 
+    /// The queue whose sets hold fewer items (the first on a tie).
+    fn emptier_queue(&self) -> Queue {
+        let [first, second] = &self.queues;
+        let held = |model: &QueueModel| model.count(Slot::is_indexed);
+        if held(second) < held(first) {
+            Queue::Second
+        } else {
+            Queue::First
+        }
+    }
+
     async fn apply(&mut self, step: usize, op: &Op) -> TestCaseResult {
         match op {
             Op::Enqueue { queue, items } => self.enqueue(step, *queue, items).await,
-            Op::Lease { queue, max_items } => self.lease(*queue, *max_items).await,
+            Op::Lease { queue, max_items } => self.lease(*queue, *max_items, None).await,
             Op::ExtendLease { queue, leases } => self.extend(*queue, leases).await,
             Op::Complete { queue, leases } => self.complete(*queue, leases).await,
             Op::Fail {
@@ -81,6 +113,19 @@ impl CaseRun {
             Op::WrongQueue { owner, lease, call } => self.wrong_queue(*owner, *lease, *call).await,
             Op::SetPaused { queue, paused } => self.set_paused(*queue, *paused).await,
             Op::RequeueDead { queue, ids } => self.requeue_dead(*queue, ids.as_deref()).await,
+            Op::DeleteQueue { queue, deletion } => self.delete_queue(*queue, *deletion).await,
+            Op::ForgetFinished { queue, pick, then } => {
+                self.forget_finished(step, *queue, *pick, *then).await
+            }
+            Op::DropDead { queue, pick, by } => self.drop_dead(*queue, *pick, *by).await,
+            Op::ExpireIdle {
+                queue,
+                windows_too,
+                by,
+            } => {
+                let queue = queue.unwrap_or_else(|| self.emptier_queue());
+                self.expire_idle(queue, *windows_too, *by).await
+            }
         }
     }
 }

@@ -1,8 +1,10 @@
-//! The invariants checked after every step: QueueState, the queue's sorted sets, item hashes and
-//! stored lease tokens in Redis, and GetItem of every pool id must match the model; and a call
-//! with only lost leases must change no byte of the queue's keys.
+//! The invariants checked after every step: QueueState, every key of the queue in Redis (its
+//! sorted sets, the done set of remembered ids, the priority-band heads, the item generation and
+//! the trash of deleted generations, the item hashes and stored lease tokens), and GetItem of
+//! every pool id must match the model; and the snapshots of a queue's keys that show a call
+//! with only lost leases changed none of them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures_util::future::join_all;
 use proptest::{prelude::*, test_runner::TestCaseResult};
@@ -17,77 +19,155 @@ use super::{
     queue_model::{QueueModel, Slot, Totals},
 };
 
-/// Every key of one queue with its serialized value, to show that a call changed nothing.
-async fn queue_dump(
+/// The logical content of one key: its type, its members in a fixed order, and whether it
+/// expires. Not its DUMP: a large hash is stored as a hash table, whose DUMP lists the fields in
+/// an order that changes as Redis rehashes it, even on reads.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct KeyContent {
+    kind: String,
+    members: Vec<Vec<u8>>,
+    expires: bool,
+}
+
+/// The content of each of `keys` (kind "none" for a missing key).
+pub(super) async fn snapshot_keys(
+    conn: &mut MultiplexedConnection,
+    keys: &[String],
+) -> Vec<(String, KeyContent)> {
+    let mut snapshot = Vec::with_capacity(keys.len());
+    for key in keys {
+        let (kind, ttl): (String, i64) = redis::pipe()
+            .cmd("TYPE")
+            .arg(key)
+            .cmd("PTTL")
+            .arg(key)
+            .query_async(conn)
+            .await
+            .expect("TYPE and PTTL of a queue key");
+        let command = match kind.as_str() {
+            "hash" => Some(redis::cmd("HGETALL").arg(key).clone()),
+            "zset" => Some(
+                redis::cmd("ZRANGE")
+                    .arg(key)
+                    .arg(0)
+                    .arg(-1)
+                    .arg("WITHSCORES")
+                    .clone(),
+            ),
+            "set" => Some(redis::cmd("SMEMBERS").arg(key).clone()),
+            "none" => None,
+            other => panic!("{key} is a {other}: no queue key is"),
+        };
+        let mut members: Vec<Vec<u8>> = match command {
+            Some(command) => command
+                .query_async(conn)
+                .await
+                .expect("reading a queue key"),
+            None => Vec::new(),
+        };
+        match kind.as_str() {
+            // Field-value pairs, in field order.
+            "hash" => {
+                let mut pairs: Vec<&[Vec<u8>]> = members.chunks(2).collect();
+                pairs.sort();
+                members = pairs.concat();
+            }
+            "set" => members.sort(),
+            // Sorted sets are read in their own order, which is part of their content.
+            _ => {}
+        }
+        snapshot.push((
+            key.clone(),
+            KeyContent {
+                kind,
+                members,
+                expires: ttl >= 0,
+            },
+        ));
+    }
+    snapshot
+}
+
+/// The content of every key of one queue, to show that a call changed nothing.
+async fn queue_snapshot(
     conn: &mut MultiplexedConnection,
     key_prefix: &str,
     queue: &str,
-) -> Vec<(String, Vec<u8>)> {
+) -> Vec<(String, KeyContent)> {
     let mut keys: Vec<String> = redis::cmd("KEYS")
         .arg(format!("{key_prefix}:{{{queue}}}:*"))
         .query_async(conn)
         .await
         .expect("KEYS of the queue");
     keys.sort();
-    let mut dump = Vec::with_capacity(keys.len());
-    for key in keys {
-        let value: Vec<u8> = redis::cmd("DUMP")
-            .arg(&key)
-            .query_async(conn)
-            .await
-            .expect("DUMP of a queue key");
-        dump.push((key, value));
-    }
-    dump
+    snapshot_keys(conn, &keys).await
 }
 
+/// The keys whose content differs between two snapshots, or that only one of them holds.
+pub(super) fn changed_keys(
+    before: &[(String, KeyContent)],
+    after: &[(String, KeyContent)],
+) -> BTreeSet<String> {
+    let before: BTreeSet<&(String, KeyContent)> = before.iter().collect();
+    let after: BTreeSet<&(String, KeyContent)> = after.iter().collect();
+    before
+        .symmetric_difference(&after)
+        .map(|(key, _)| key.clone())
+        .collect()
+}
+
+/// What a call must leave as it was.
+pub(super) type Snapshot = Vec<(String, KeyContent)>;
+
 impl CaseRun {
-    pub(super) async fn dump(&mut self, queue: Queue) -> Vec<(String, Vec<u8>)> {
+    pub(super) async fn snapshot(&mut self, queue: Queue) -> Snapshot {
         let name = self.queues[queue.index()].name.clone();
-        queue_dump(&mut self.conn, &self.key_prefix, &name).await
+        queue_snapshot(&mut self.conn, &self.key_prefix, &name).await
     }
 
-    /// A dump of the queue when no lease of the call is live (so it must change nothing).
     pub(super) async fn unchanged_baseline(
         &mut self,
         queue: Queue,
         live: &[bool],
-    ) -> Option<Vec<(String, Vec<u8>)>> {
+    ) -> Option<Snapshot> {
         if live.iter().any(|&l| l) {
             return None;
         }
-        Some(self.dump(queue).await)
+        Some(self.snapshot(queue).await)
     }
 
     pub(super) async fn check_unchanged(
         &mut self,
         queue: Queue,
-        before: Option<Vec<(String, Vec<u8>)>>,
+        before: Option<Snapshot>,
     ) -> TestCaseResult {
         if let Some(before) = before {
-            let after = self.dump(queue).await;
+            let after = self.snapshot(queue).await;
             prop_assert!(
                 before == after,
-                "a call with only lost leases changed the queue's keys"
+                "a call with only lost leases changed the queue's keys: {:?}",
+                changed_keys(&before, &after)
             );
         }
         Ok(())
     }
 
     pub(super) async fn check(&mut self) -> TestCaseResult {
-        // Nothing changes between the reads (no step runs and nothing is due), so both queues
-        // are read at once to keep steps cheap.
+        // Nothing changes between the reads (no step runs, nothing is due, and the reaper visits
+        // a queue only when a step asks it to), so both queues are read at once to keep steps
+        // cheap.
         let [first, second] = &self.queues;
         let (first_seen, second_seen) = tokio::join!(
-            observe(&self.client, &self.conn, first),
-            observe(&self.client, &self.conn, second),
+            observe(&self.client, &self.conn, &self.key_prefix, first),
+            observe(&self.client, &self.conn, &self.key_prefix, second),
         );
         for (model, seen) in self.queues.iter_mut().zip([first_seen, second_seen]) {
             let name = model.name.clone();
             check_counts(model, &seen.state)
                 .map_err(with_context(format!("QueueState of {name}")))?;
             check_storage(model, &seen).map_err(with_context(format!("storage of {name}")))?;
-            check_items(model, seen.items).map_err(with_context(format!("GetItem in {name}")))?;
+            check_items(model, &seen.items).map_err(with_context(format!("GetItem in {name}")))?;
+            check_heads(model, &seen).map_err(with_context(format!("band heads of {name}")))?;
         }
         Ok(())
     }
@@ -102,49 +182,73 @@ struct Observed {
     delayed: Scored,
     leased: Scored,
     dead: Vec<String>,
-    item_keys: Vec<String>,
-    /// The stored lease token of each pool id, in pool order.
+    done: Scored,
+    heads: Scored,
+    /// The deleted generations in the trash.
+    trash: Vec<String>,
+    /// The meta field `g`.
+    generation: Option<u64>,
+    /// Every key of the queue.
+    keys: Vec<String>,
+    /// The stored lease token of each pool id (in the model's generation), in pool order.
     tokens: Vec<Option<String>>,
     /// GetItem of each pool id, in pool order.
     items: Vec<Result<pb::Item, tonic::Status>>,
 }
 
-async fn observe(client: &Client, conn: &MultiplexedConnection, model: &QueueModel) -> Observed {
+type Sets = (
+    Scored,
+    Scored,
+    Scored,
+    Vec<String>,
+    Scored,
+    Scored,
+    Vec<String>,
+    Option<u64>,
+    Vec<String>,
+);
+
+async fn observe(
+    client: &Client,
+    conn: &MultiplexedConnection,
+    key_prefix: &str,
+    model: &QueueModel,
+) -> Observed {
     let k = &model.keys;
     let mut sets_conn = conn.clone();
     let sets = async move {
-        let sets: (Scored, Scored, Scored, Vec<String>, Vec<String>) = redis::pipe()
-            .cmd("ZRANGE")
-            .arg(&k.ready)
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .cmd("ZRANGE")
-            .arg(&k.delayed)
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .cmd("ZRANGE")
-            .arg(&k.leased)
-            .arg(0)
-            .arg(-1)
-            .arg("WITHSCORES")
-            .cmd("ZRANGE")
-            .arg(&k.dead)
-            .arg(0)
-            .arg(-1)
-            .cmd("KEYS")
-            .arg(format!("{}*", k.item_prefix))
+        let mut pipe = redis::pipe();
+        for scored in [&k.ready, &k.delayed, &k.leased] {
+            pipe.cmd("ZRANGE")
+                .arg(scored)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES");
+        }
+        pipe.cmd("ZRANGE").arg(&k.dead).arg(0).arg(-1);
+        for scored in [&k.done, &k.heads] {
+            pipe.cmd("ZRANGE")
+                .arg(scored)
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES");
+        }
+        pipe.cmd("SMEMBERS").arg(&k.trash);
+        pipe.cmd("HGET").arg(&k.meta).arg("g");
+        pipe.cmd("KEYS")
+            .arg(format!("{key_prefix}:{{{}}}:*", model.name));
+        let sets: Sets = pipe
             .query_async(&mut sets_conn)
             .await
-            .expect("reading the queue's sets");
+            .expect("reading the queue's keys");
         sets
     };
     let mut tokens_conn = conn.clone();
+    let prefix = model.item_prefix();
     let tokens = async move {
         let mut pipe = redis::pipe();
         for id in (0..ID_POOL).map(pool_id) {
-            pipe.cmd("HGET").arg(k.item(&id)).arg("k");
+            pipe.cmd("HGET").arg(format!("{prefix}{id}")).arg("k");
         }
         let tokens: Vec<Option<String>> = pipe
             .query_async(&mut tokens_conn)
@@ -157,15 +261,21 @@ async fn observe(client: &Client, conn: &MultiplexedConnection, model: &QueueMod
         let mut client = client.clone();
         async move { get_item(&mut client, &model.name, &pool_id(index)).await }
     }));
-    let (state, (ready, delayed, leased, dead, item_keys), tokens, items) =
+    let (state, sets, tokens, items) =
         tokio::join!(state(&mut state_client, &model.name), sets, tokens, items);
+    let (ready, delayed, leased, dead, done, heads, trash, generation, mut keys) = sets;
+    keys.sort();
     Observed {
         state,
         ready,
         delayed,
         leased,
         dead,
-        item_keys,
+        done,
+        heads,
+        trash,
+        generation,
+        keys,
         tokens,
         items,
     }
@@ -185,12 +295,12 @@ fn check_counts(model: &QueueModel, s: &pb::QueueStateResponse) -> TestCaseResul
         completed: s.completed_total,
         failed: s.failed_total,
         reclaimed: s.reclaimed_total,
+        dropped: s.dead_dropped_total,
     };
     prop_assert_eq!(totals, model.totals);
     prop_assert_eq!(s.drained, model.drained(), "drained");
     prop_assert_eq!(s.paused, model.paused, "paused");
-    prop_assert_eq!(s.oldest_ready_enqueue_time.is_some(), s.ready > 0);
-    prop_assert_eq!((s.dead_dropped_total, s.sealed), (0, false));
+    prop_assert!(!s.sealed, "the model never seals a queue");
     Ok(())
 }
 
@@ -214,15 +324,56 @@ fn check_storage(model: &mut QueueModel, seen: &Observed) -> TestCaseResult {
         ids.sort();
         ids
     };
-    let prefix = &model.keys.item_prefix;
+    prop_assert_eq!(
+        seen.generation.unwrap_or(0),
+        model.generation,
+        "the item generation (meta g)"
+    );
+    let trash: BTreeSet<String> = seen.trash.iter().cloned().collect();
+    let expected_trash: BTreeSet<String> = model.trash.keys().map(u64::to_string).collect();
+    prop_assert_eq!(
+        trash,
+        expected_trash,
+        "the deleted generations in the trash"
+    );
+    let prefix = model.item_prefix();
     let stored = sorted(
-        seen.item_keys
+        seen.keys
             .iter()
-            .map(|key| key.strip_prefix(prefix.as_str()).unwrap_or(key).to_owned())
+            .filter_map(|key| key.strip_prefix(prefix.as_str()))
+            .map(str::to_owned)
             .collect(),
     );
     let expected_stored: Vec<String> = model.items.keys().cloned().collect();
-    prop_assert_eq!(stored, expected_stored, "stored item hashes");
+    prop_assert_eq!(
+        stored,
+        expected_stored,
+        "stored item hashes of generation {}",
+        model.generation
+    );
+    // Every key at all, so nothing of a deleted generation or a forgotten queue stays behind
+    // and nothing appears that the model does not know of.
+    let keys: BTreeSet<String> = seen.keys.iter().cloned().collect();
+    let expected_keys = model.expected_keys();
+    prop_assert!(
+        keys == expected_keys,
+        "the queue's keys: unexpected {:?}, missing {:?}",
+        keys.difference(&expected_keys).collect::<Vec<_>>(),
+        expected_keys.difference(&keys).collect::<Vec<_>>()
+    );
+    // The done set holds exactly the remembered ids, each by its finish time.
+    prop_assert_eq!(
+        sorted(ids(&seen.done)),
+        model.finished.keys().cloned().collect::<Vec<_>>(),
+        "the done set's ids"
+    );
+    for (id, finished) in &seen.done {
+        let span = model
+            .finished
+            .get_mut(id)
+            .ok_or_else(|| failure(format!("{id} is not remembered")))?;
+        span.pin(*finished as i64, &format!("finish time of {id}"))?;
+    }
     prop_assert_eq!(
         sorted(seen.dead.clone()),
         model.ids_in(|s| *s == Slot::Dead),
@@ -307,14 +458,17 @@ fn check_storage(model: &mut QueueModel, seen: &Observed) -> TestCaseResult {
     Ok(())
 }
 
-fn check_items(model: &QueueModel, items: Vec<Result<pb::Item, tonic::Status>>) -> TestCaseResult {
+fn check_items(
+    model: &mut QueueModel,
+    items: &[Result<pb::Item, tonic::Status>],
+) -> TestCaseResult {
     for (id, reply) in (0..ID_POOL).map(pool_id).zip(items) {
-        let Some(expected) = model.items.get(&id) else {
-            let code = reply.map(|_| ()).map_err(|s| s.code());
+        let Some(expected) = model.items.get_mut(&id) else {
+            let code = reply.as_ref().map(|_| ()).map_err(tonic::Status::code);
             prop_assert_eq!(code, Err(tonic::Code::NotFound), "GetItem of gone {}", &id);
             continue;
         };
-        let item = reply.map_err(rpc_failed("GetItem"))?;
+        let item = reply.clone().map_err(rpc_failed("GetItem"))?;
         prop_assert_eq!(item.state(), expected.slot.api_state(), "state of {}", &id);
         prop_assert_eq!(item.attempts, expected.attempts, "attempts of {}", &id);
         prop_assert_eq!(
@@ -326,16 +480,22 @@ fn check_items(model: &QueueModel, items: Vec<Result<pb::Item, tonic::Status>>) 
         prop_assert_eq!(item.priority, expected.priority, "priority of {}", &id);
         prop_assert_eq!(
             item.payload.as_ref(),
-            expected.payload.as_bytes(),
+            expected.payload.as_slice(),
             "payload of {}",
             &id
         );
+        prop_assert_eq!(&item.headers, &expected.headers(), "headers of {}", &id);
         prop_assert_eq!(
             &item.last_error,
             &expected.last_error,
             "last_error of {}",
             &id
         );
+        let enqueued = ms_of(item.enqueue_time.as_ref())
+            .ok_or_else(|| failure(format!("{id} has no enqueue_time")))?;
+        expected
+            .enqueued
+            .pin(enqueued, &format!("enqueue time of {id}"))?;
         let (next_attempt, lease_expiry, result) = match &expected.slot {
             Slot::Delayed { earliest, .. } => (Some(*earliest), None, Vec::new()),
             Slot::Leased { expire_ms, .. } => (None, Some(*expire_ms), Vec::new()),
@@ -362,5 +522,34 @@ fn check_items(model: &QueueModel, items: Vec<Result<pb::Item, tonic::Status>>) 
             &id
         );
     }
+    Ok(())
+}
+
+/// The heads index holds one entry per priority band of the ready set, scored by the enqueue
+/// time of the band's first item in line, and QueueState's oldest ready item is the earliest of
+/// them. Runs after `check_items`, which learns the exact enqueue times.
+fn check_heads(model: &QueueModel, seen: &Observed) -> TestCaseResult {
+    let mut expected: BTreeMap<String, i64> = BTreeMap::new();
+    for (_, item) in model.ready_in_lease_order() {
+        // Lease order puts each band's first item first among the band's items.
+        expected
+            .entry(item.priority.to_string())
+            .or_insert(item.enqueued.earliest);
+    }
+    let heads: BTreeMap<String, i64> = seen
+        .heads
+        .iter()
+        .map(|(band, score)| (band.clone(), *score as i64))
+        .collect();
+    prop_assert_eq!(
+        &heads,
+        &expected,
+        "band -> enqueue time of its first ready item"
+    );
+    prop_assert_eq!(
+        ms_of(seen.state.oldest_ready_enqueue_time.as_ref()),
+        expected.values().min().copied(),
+        "QueueState's oldest ready item"
+    );
     Ok(())
 }

@@ -3,29 +3,45 @@
 //! of two queues.
 //!
 //! The operations are Enqueue (ids from a pool of five, so duplicates happen, with priorities,
-//! attempt limits and sometimes a delay), Lease (1–3 items), ExtendLease, Complete, Fail (with
-//! the broker's backoff, an immediate or a later retry, or dead-lettering), Release, a forced
-//! lease expiry and a forced due time (the item's score is moved into the past with a direct
-//! Redis command, then either the reaper or an immediate Lease moves it), pause and resume,
-//! RequeueDead, and lease ids presented after they were lost or to the other queue. Lease
-//! references pick live leases mostly and lost ones sometimes, so fencing is exercised all the
-//! time.
+//! attempt limits, sometimes a delay or a header, and payloads from a short text up to the
+//! broker's limit and now and then one byte over it), Lease (1–5 items), ExtendLease, Complete,
+//! Fail (with the broker's backoff, an immediate or a later retry, or dead-lettering), Release,
+//! pause and resume, RequeueDead, DeleteQueue (whole, or only its atomic first step, leaving the
+//! old generation in the trash), lease ids presented after they were lost or to the other queue,
+//! and forced times: a lease expiry, a due time, the end of finished ids' dedup window, a dead
+//! letter's age and a queue's last activity are moved into the past with direct Redis commands,
+//! then a visit of the broker's reaper, a reap.lua call run directly, or an immediate Lease or
+//! Enqueue acts on them. Lease references pick live leases mostly and lost ones sometimes, so
+//! fencing is exercised all the time.
 //!
 //! After every step, for both queues: QueueState's counts, totals and flags equal the model's;
-//! the ready set holds exactly the model's ready items in lease order, and the delayed, leased
-//! and dead sets and the item hashes hold exactly the model's ids (so no item is lost,
-//! duplicated or in two states); only leased items store a lease token, and it is the token of
-//! the one lease the model holds; GetItem reports the model's state, attempts, limit, priority,
-//! payload, error, result and times; calls with only lost leases, or with a lease id of the other
-//! queue, change no byte of the queues' keys.
+//! Redis holds exactly the keys the model expects (so nothing of a deleted generation or a
+//! forgotten queue stays behind); the ready set holds exactly the model's ready items in lease
+//! order, the delayed, leased, dead and done sets, the priority-band heads, the trash and the item
+//! generation hold exactly what the model holds (so no item is lost, duplicated or in two states,
+//! and every finished id is remembered with its finish time); only leased items store a lease
+//! token, and it is the token of the one lease the model holds; GetItem reports the model's
+//! state, attempts, limit, priority, payload, headers, error, result and times.
+//!
+//! Steps check what they change: a Lease grants the items the model predicts under the reply
+//! budget (the same estimate as lease.lua) and leaves the items past it untouched; an Enqueue of
+//! an id finished within the dedup window (completed, or a dead letter dropped) is a duplicate,
+//! and after the window's forced end it is new again even before the reaper forgets it; calls
+//! with only lost leases, or with a lease id of the other queue, and refused Enqueues change no
+//! byte of the queues' keys; after a DeleteQueue the old leases are lost, counters restart and
+//! every old id is unknown; a reaper pass forgets a queue that has been idle and holds nothing,
+//! and only such a queue, which then leaves ListQueues.
 //!
 //! Nothing expires or becomes due by accident: leases last an hour, delays and backoffs are tens
-//! of minutes, and only the forcing steps move time. One Redis and two brokers (one forgets
-//! completed items, the other keeps them for an hour) serve the whole run, each case on two
-//! fresh queues that are deleted when it ends.
+//! of minutes, finished ids are kept for a month, and only the forcing steps move time. One Redis
+//! and three brokers serve the whole run, each case on two fresh queues that are deleted when it
+//! ends: the two the cases call (one forgets completed items, the other keeps them for an hour),
+//! with small payload and reply limits and no reaper of their own, and one that only reaps, so
+//! that a queue is visited exactly when a step makes it due (a broker's reaper also visits the
+//! queues its own Leases are in flight on, at moments no step chooses).
 //!
 //! The default run is bounded for CI: `DEFAULT_CASES` cases of 1 to `DEFAULT_STEPS` steps, about
-//! 10–20 s on a busy 2-core machine. A longer run, and the replay of a failure (the seed is
+//! 20–30 s on a busy 2-core machine. A longer run, and the replay of a failure (the seed is
 //! printed at the start and with the shrunk sequence; replay with the same cases and steps):
 //!
 //! ```sh
@@ -33,10 +49,13 @@
 //! WQ_MODEL_SEED=<seed> cargo test -p wq-tests --test integration model -- --nocapture
 //! ```
 //!
-//! Not modelled: dead-letter trimming (deaths in the same millisecond tie, so which one goes is
-//! not predictable from outside), purging, sealing, `not_before`, headers, waiting Leases,
-//! ExtendLease of a lease whose expiry has passed but which is not reclaimed yet (a race with
-//! the reaper), and exact enqueue times.
+//! Not modelled: dead-letter trimming by count (deaths in the same millisecond tie, so which one
+//! goes is not predictable from outside), purging, sealing, `not_before`, waiting Leases and
+//! combined Leases, the reaper's visits of queues with Leases in flight, ExtendLease of a lease
+//! whose expiry has passed but which is not reclaimed yet (a race with the reaper), a first item
+//! whose reply estimate alone passes the budget (the brokers' limits keep every item within
+//! it), and a DeleteQueue racing with other calls (its first step run alone stands for the
+//! broker dying between its steps).
 
 use std::{
     cell::Cell,
@@ -63,10 +82,10 @@ mod ops;
 mod queue_model;
 mod world;
 
-/// Cases of the default run: with `DEFAULT_STEPS`, 10–20 s on a busy 2-core machine.
-const DEFAULT_CASES: u32 = 48;
+/// Cases of the default run: with `DEFAULT_STEPS`, 20–30 s on a busy 2-core machine.
+const DEFAULT_CASES: u32 = 64;
 /// Most steps per case in the default run (lengths are uniform in 1..=this).
-const DEFAULT_STEPS: usize = 50;
+const DEFAULT_STEPS: usize = 60;
 /// Longest shrinking of a failure, so a failing CI run still ends.
 const MAX_SHRINK_TIME: Duration = Duration::from_secs(300);
 
@@ -91,6 +110,27 @@ const BACKOFF_CAP: Duration = Duration::from_secs(3600);
 const KEEP_COMPLETED: Duration = Duration::from_secs(3600);
 /// The error text the reaper stores on an item whose lease expired.
 const LEASE_EXPIRED: &str = "lease expired";
+/// Payload limit of the brokers: small, so items at the limit are cheap to send and read back.
+const PAYLOAD_LIMIT: usize = 16 * 1024;
+/// Limit of an item's header names and values together.
+const HEADER_LIMIT: usize = 1024;
+/// Reply budget of a Lease: most pairs of large items pass it, a large and a short one do not.
+/// The broker refuses a budget that one item at the payload and header limits would pass.
+const REPLY_BUDGET: usize = 20 * 1024;
+/// Largest gRPC message: room for an Enqueue of three items at the limits, and for the reply
+/// budget, as the broker's configuration check demands.
+const MESSAGE_LIMIT: usize = 64 * 1024;
+/// The one header name the model sends.
+const TRACE_HEADER: &str = "trace";
+/// How long finished ids stay known: longer than any case, so only a forcing step ends it.
+const DEDUP_WINDOW: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Dead-letter age bound: shorter than the dedup window, so a dropped dead letter's id is
+/// remembered.
+const DEAD_MAX_AGE: Duration = Duration::from_secs(7 * 24 * 3600);
+/// How long an empty queue stays known.
+const QUEUE_IDLE_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The time (Unix ms) a forcing step moves a time to: long before any window or bound.
+const LONG_AGO_MS: i64 = 1;
 
 fn env_number<T: std::str::FromStr>(name: &str) -> Option<T> {
     let value = std::env::var(name).ok()?;

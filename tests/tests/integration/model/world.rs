@@ -1,24 +1,37 @@
 //! What the whole run shares: one Redis, two brokers on it (one forgets completed items, the
-//! other keeps them), their clients, and the tally of what the cases exercised.
+//! other keeps them) with small payload and reply limits, their clients, and the tally of what
+//! the cases exercised.
 
 use std::{cell::Cell, time::Duration};
 
 use proptest::test_runner::TestCaseResult;
 use redis::aio::MultiplexedConnection;
+use wq_server::scripts::Scripts;
 use wq_tests::{
     AdminClient, Broker, BrokerConfig, Client, RedisProcess, pb, redis_conn, test_config,
 };
 
 use super::{
-    BACKOFF_BASE, BACKOFF_CAP, BACKOFF_FACTOR, DEFAULT_MAX_ATTEMPTS, KEEP_COMPLETED, case::CaseRun,
-    ops::Op, queue_model::QueueModel,
+    BACKOFF_BASE, BACKOFF_CAP, BACKOFF_FACTOR, DEAD_MAX_AGE, DEDUP_WINDOW, DEFAULT_MAX_ATTEMPTS,
+    HEADER_LIMIT, KEEP_COMPLETED, MESSAGE_LIMIT, PAYLOAD_LIMIT, QUEUE_IDLE_TTL, REPLY_BUDGET,
+    case::CaseRun, ops::Op, queue_model::QueueModel,
 };
 
-/// What every case shares: one Redis and two brokers on it that differ only in whether they keep
-/// completed items.
+/// The reap interval of the brokers the cases call: so long that their reapers never run
+/// during a run. A broker's reaper also visits, every few rounds, the queues on which a Lease of
+/// that broker is in flight (its safety net for lost wake-ups); such a visit would delete a
+/// deleted generation's trash or forget an expired id at a moment no step chose.
+const NO_OWN_REAPER: Duration = Duration::from_secs(3600);
+
+/// What every case shares: one Redis, two brokers on it that differ only in whether they keep
+/// completed items and that leave reaping to a third broker, which no client calls, so that a
+/// queue is visited exactly when a step makes its index entry due.
 pub(super) struct World {
     _redis: RedisProcess,
+    /// The forgetting broker, the keeping broker and the reaping broker.
     brokers: Vec<Broker>,
+    /// The configurations of the forgetting and the keeping broker, in that order.
+    configs: [BrokerConfig; 2],
     /// Clients of the forgetting and the keeping broker, in that order.
     clients: [Client; 2],
     admin: AdminClient,
@@ -28,27 +41,50 @@ pub(super) struct World {
 }
 
 fn model_config(completed_retention: Duration) -> BrokerConfig {
-    BrokerConfig {
+    let config = BrokerConfig {
         default_max_attempts: DEFAULT_MAX_ATTEMPTS,
         backoff_base: BACKOFF_BASE,
         backoff_factor: BACKOFF_FACTOR,
         backoff_cap: BACKOFF_CAP,
         completed_retention,
+        max_payload_bytes: PAYLOAD_LIMIT,
+        max_header_bytes: HEADER_LIMIT,
+        max_reply_bytes: REPLY_BUDGET,
+        max_message_bytes: MESSAGE_LIMIT,
+        dedup_window: DEDUP_WINDOW,
+        dead_max_age: DEAD_MAX_AGE,
+        queue_idle_ttl: QUEUE_IDLE_TTL,
         ..test_config()
+    };
+    // The limits are lowered together: the broker refuses a configuration in which one item of
+    // the largest payload and headers could not be leased.
+    if let Err(refusal) = config.check() {
+        panic!("the model's broker configuration is inconsistent: {refusal}");
     }
+    config
 }
 
 impl World {
     pub(super) async fn start() -> Self {
         let redis = wq_tests::redis().await;
-        let forgetting = Broker::start_with(&redis.url(), model_config(Duration::ZERO)).await;
-        let keeping = Broker::start_with(&redis.url(), model_config(KEEP_COMPLETED)).await;
+        let configs = [model_config(Duration::ZERO), model_config(KEEP_COMPLETED)].map(|config| {
+            BrokerConfig {
+                reap_interval: NO_OWN_REAPER,
+                ..config
+            }
+        });
+        let forgetting = Broker::start_with(&redis.url(), configs[0].clone()).await;
+        let keeping = Broker::start_with(&redis.url(), configs[1].clone()).await;
+        // Reaping depends on neither retention: finished ids are kept for the dedup window,
+        // which is the longer.
+        let reaping = Broker::start_with(&redis.url(), model_config(Duration::ZERO)).await;
         let clients = [forgetting.client().await, keeping.client().await];
         let admin = forgetting.admin().await;
         let conn = redis_conn(&redis).await;
         Self {
             _redis: redis,
-            brokers: vec![forgetting, keeping],
+            brokers: vec![forgetting, keeping, reaping],
+            configs,
             clients,
             admin,
             conn,
@@ -75,6 +111,8 @@ impl World {
             admin: self.admin.clone(),
             conn: self.conn.clone(),
             key_prefix: self.key_prefix.clone(),
+            config: self.configs[usize::from(keep_completed)].clone(),
+            scripts: Scripts::new(),
             keep_completed,
             queues: names.map(|name| QueueModel::new(name, &self.key_prefix)),
             tally: Tally::default(),
@@ -114,6 +152,24 @@ pub(super) struct Tally {
     pub(super) lost: u64,
     /// INVALID_ARGUMENT answers to lease ids of the other queue.
     pub(super) wrong_queue: u64,
+    /// Enqueues refused whole for a payload over the limit.
+    pub(super) oversized: u64,
+    /// Leases the reply budget ended before their count or the ready items did.
+    pub(super) budget_cut: u64,
+    /// Duplicates that were duplicates only because the id finished within the window.
+    pub(super) finished_duplicates: u64,
+    /// Finished ids whose window was forced to end.
+    pub(super) windows_ended: u64,
+    /// Ids enqueued again, as new items, after their window ended.
+    pub(super) reenqueued: u64,
+    /// Dead letters dropped by the age bound.
+    pub(super) dropped: u64,
+    /// DeleteQueue steps, and those that left the old generation in the trash.
+    pub(super) deletes: u64,
+    pub(super) trash_left: u64,
+    /// Forced idle expiries that forgot the queue, and those that kept it.
+    pub(super) idle_forgotten: u64,
+    pub(super) idle_kept: u64,
 }
 
 impl std::ops::AddAssign for Tally {
@@ -130,5 +186,15 @@ impl std::ops::AddAssign for Tally {
         self.requeued += other.requeued;
         self.lost += other.lost;
         self.wrong_queue += other.wrong_queue;
+        self.oversized += other.oversized;
+        self.budget_cut += other.budget_cut;
+        self.finished_duplicates += other.finished_duplicates;
+        self.windows_ended += other.windows_ended;
+        self.reenqueued += other.reenqueued;
+        self.dropped += other.dropped;
+        self.deletes += other.deletes;
+        self.trash_left += other.trash_left;
+        self.idle_forgotten += other.idle_forgotten;
+        self.idle_kept += other.idle_kept;
     }
 }
