@@ -65,6 +65,15 @@ pub async fn lease_or_wait(
     waiting: &Claim,
     shutdown: &CancellationToken,
 ) -> Result<LeaseBatch> {
+    if call.max_wait.is_zero() {
+        // A call that never waits needs no wake-up point: registering one would make its queue
+        // look waited on to the reaper's safety net.
+        let batch = lease_once(store, call).await?;
+        if batch.ready_left > 0 {
+            notifier.wake(&call.queue, batch.ready_left);
+        }
+        return Ok(batch);
+    }
     let deadline = Instant::now() + call.max_wait;
     let recheck = jittered(store.config().wait_recheck);
     let watch = notifier.watch(&call.queue);
