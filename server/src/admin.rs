@@ -96,7 +96,6 @@ impl Admin {
         if let Some(caller) = caller.filter(Caller::is_limited) {
             names.retain(|name| caller.may_use_queue(name));
         }
-        names.sort();
         let start = usize::try_from(offset)
             .unwrap_or(usize::MAX)
             .min(names.len());

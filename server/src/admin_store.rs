@@ -75,11 +75,9 @@ impl Store {
             .try_into()
             .map_err(|_| Error::Internal("set_flag reply has the wrong length".into()))?;
         if reply::int("set_flag exists", &exists)? == 1 {
-            self.schedule(
-                queue,
-                self.local_now_ms().saturating_add(self.idle_visit_ms()),
-            )
-            .await?;
+            let visit = self.local_now_ms().saturating_add(self.idle_visit_ms());
+            self.schedule_after_applied(queue, visit, "a flag change")
+                .await;
         }
         reply::uint("set_flag", &ready)
     }

@@ -39,6 +39,38 @@ impl Store {
         i64::try_from(period.as_millis()).unwrap_or(i64::MAX)
     }
 
+    /// This process's clock `after` from now, in Unix ms (saturating).
+    pub(crate) fn local_ms_after(&self, after: Duration) -> i64 {
+        let after = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
+        self.local_now_ms().saturating_add(after)
+    }
+
+    /// Runs a queue script and, in the same round trip, makes sure the reaper visits the queue
+    /// by `at_ms`. The script's change stands whatever happens to the index update, so a failed
+    /// update is logged (as `what`), never answered: an error would make a caller retry an
+    /// applied Enqueue, or strand a Lease's items. Without its index entry a queue is still
+    /// served, and reaped by its next Lease or its next visit (within [`LONGEST_UNVISITED`]).
+    pub(crate) async fn invoke_scheduling(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+        queue: &str,
+        at_ms: i64,
+        what: &str,
+    ) -> Result<Value> {
+        let (reply, scheduled) = tokio::join!(self.invoke(call), self.schedule(queue, at_ms));
+        if let Err(error) = scheduled {
+            tracing::warn!(queue = %queue, %error, "could not schedule the reaper for {what}");
+        }
+        reply
+    }
+
+    /// [`Store::schedule`] after a script whose change already stands: a failure is logged.
+    pub(crate) async fn schedule_after_applied(&self, queue: &str, at_ms: i64, what: &str) {
+        if let Err(error) = self.schedule(queue, at_ms).await {
+            tracing::warn!(queue = %queue, %error, "could not schedule the reaper for {what}");
+        }
+    }
+
     /// Makes sure the reaper visits `queue` by `at_ms` (and that the queue is indexed).
     ///
     /// # Errors
@@ -109,7 +141,7 @@ impl Store {
         Ok(())
     }
 
-    /// Every indexed queue, in name order.
+    /// Every indexed queue, in name order (ListQueues pages by position in it).
     ///
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.

@@ -188,15 +188,10 @@ impl Store {
                 .arg(item.max_attempts)
                 .arg(item.headers.as_ref());
         }
-        // Sent together: one round trip, and no moment where the items exist unindexed.
-        let (reply, scheduled) = tokio::join!(self.invoke(&call), self.schedule(queue, visit));
-        let reply = reply::array("enqueue", reply?)?;
-        // The items are enqueued either way; an error now would make a caller without ids
-        // enqueue them twice. Unindexed, the queue is still leased from, and indexed again by
-        // its next Enqueue or Lease.
-        if let Err(error) = scheduled {
-            tracing::warn!(queue = %queue, %error, "could not index the queue after an enqueue");
-        }
+        let reply = self
+            .invoke_scheduling(&call, queue, visit, "an enqueue")
+            .await?;
+        let reply = reply::array("enqueue", reply)?;
         let (status, flags) = reply
             .split_first()
             .ok_or_else(|| Error::Internal("empty enqueue reply".into()))?;
@@ -247,17 +242,11 @@ impl Store {
             call.arg((*want).max(1));
         }
         // The reaper must visit the queue when these leases expire, should their holder vanish.
-        let expiry = self
-            .local_now_ms()
-            .saturating_add(i64::try_from(millis(lease)).unwrap_or(i64::MAX));
-        let (reply, scheduled) = tokio::join!(self.invoke(&call), self.schedule(queue, expiry));
-        let reply = reply::array("lease", reply?)?;
-        // The grant stands either way: failing the call now would strand its items. Without
-        // the index entry the leases are still reclaimed, by the next Lease on the queue or at
-        // the queue's next visit (within an hour).
-        if let Err(error) = scheduled {
-            tracing::warn!(queue = %queue, %error, "could not schedule the reaper for new leases");
-        }
+        let expiry = self.local_ms_after(lease);
+        let reply = self
+            .invoke_scheduling(&call, queue, expiry, "new leases")
+            .await?;
+        let reply = reply::array("lease", reply)?;
         let [now, expire, drained, next_due, ready_left, sealed, grants]: [Value; 7] = reply
             .try_into()
             .map_err(|_| Error::Internal("lease reply has the wrong length".into()))?;
@@ -326,14 +315,11 @@ impl Store {
             call.arg(&l.item_id).arg(&l.token);
         }
         // A heartbeat may also shorten a lease: the reaper must visit by the new expiry.
-        let expiry = self
-            .local_now_ms()
-            .saturating_add(i64::try_from(millis(lease)).unwrap_or(i64::MAX));
-        let (reply, scheduled) = tokio::join!(self.invoke(&call), self.schedule(queue, expiry));
-        if let Err(error) = scheduled {
-            tracing::warn!(queue = %queue, %error, "could not schedule the reaper for extended leases");
-        }
-        let reply = reply::array("extend", reply?)?;
+        let expiry = self.local_ms_after(lease);
+        let reply = self
+            .invoke_scheduling(&call, queue, expiry, "extended leases")
+            .await?;
+        let reply = reply::array("extend", reply)?;
         let (expire, flags) = reply
             .split_first()
             .ok_or_else(|| Error::Internal("empty extend reply".into()))?;
@@ -364,14 +350,11 @@ impl Store {
             return reply::flags("complete flags", &reply);
         }
         // The ids finished now are forgotten by the reaper when their window ends.
-        let forget_at = self
-            .local_now_ms()
-            .saturating_add(i64::try_from(millis(kept)).unwrap_or(i64::MAX));
-        let (reply, scheduled) = tokio::join!(self.invoke(&call), self.schedule(queue, forget_at));
-        if let Err(error) = scheduled {
-            tracing::warn!(queue = %queue, %error, "could not schedule forgetting finished ids");
-        }
-        reply::flags("complete flags", &reply::array("complete", reply?)?)
+        let forget_at = self.local_ms_after(kept);
+        let reply = self
+            .invoke_scheduling(&call, queue, forget_at, "forgetting finished ids")
+            .await?;
+        reply::flags("complete flags", &reply::array("complete", reply)?)
     }
 
     /// Ends a live lease as a failed attempt (`retry` None = backoff).
@@ -409,21 +392,17 @@ impl Store {
             "d" => {
                 let due = reply::int("fail next", &next)?;
                 // Waiters sleep until a notification or a due time they know of; the reaper
-                // promotes this retry on time. The Fail is applied either way, so a failed
-                // schedule is logged, not answered (a retried Fail would be LEASE_LOST).
-                if let Err(error) = self.schedule(queue, due).await {
-                    tracing::warn!(queue = %queue, %error, "could not schedule a delayed retry");
-                }
+                // promotes this retry on time.
+                self.schedule_after_applied(queue, due, "a delayed retry")
+                    .await;
                 Ok(FailOutcome::Delayed(due))
             }
             "x" => {
                 // The dead letter's age bound: the reaper drops it on time.
                 if !self.config.dead_max_age.is_zero() {
-                    let age = i64::try_from(millis(self.config.dead_max_age)).unwrap_or(i64::MAX);
-                    let at = self.local_now_ms().saturating_add(age);
-                    if let Err(error) = self.schedule(queue, at).await {
-                        tracing::warn!(queue = %queue, %error, "could not schedule a dead letter's drop");
-                    }
+                    let at = self.local_ms_after(self.config.dead_max_age);
+                    self.schedule_after_applied(queue, at, "a dead letter's drop")
+                        .await;
                 }
                 Ok(FailOutcome::Dead)
             }
