@@ -428,6 +428,45 @@ pub fn binary(name: &str) -> std::path::PathBuf {
     dir.join(name)
 }
 
+/// Starts `wq-worker --broker <broker> --queue <queue>` with `args` (nothing else: the worker's
+/// own defaults otherwise) and `env` added to its environment; output piped, killed on drop.
+pub fn spawn_worker(
+    broker: &Broker,
+    queue: &str,
+    args: &[&str],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> tokio::process::Child {
+    let mut command = tokio::process::Command::new(binary("wq-worker"));
+    command
+        .args(["--broker", &broker.url(), "--queue", queue])
+        .args(args);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("wq-worker starts")
+}
+
+/// Waits up to `within` for a child (a worker) to exit, and returns its output.
+pub async fn finish(child: tokio::process::Child, within: Duration) -> std::process::Output {
+    tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .expect("the worker exits in time")
+        .expect("the worker's output")
+}
+
+/// Waits for a worker to exit 0 and returns its stderr (the log, ending with its summary).
+pub async fn finish_ok(child: tokio::process::Child, within: Duration) -> String {
+    let output = finish(child, within).await;
+    let err = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "{:?}: {err}", output.status);
+    err
+}
+
 /// The workspace root.
 pub fn workspace() -> std::path::PathBuf {
     std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")

@@ -350,20 +350,8 @@ async fn an_idle_until_sealed_worker_costs_little_and_exits_at_the_seal() {
     let leased = lease(&mut client, "job", 1, Duration::from_secs(30)).await;
     complete(&mut client, "job", &[leased.items[0].lease_id.clone()]).await;
 
-    let worker = tokio::process::Command::new(binary("wq-worker"))
-        .args([
-            "--broker",
-            &broker.url(),
-            "--queue",
-            "job",
-            "--until",
-            "sealed",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("wq-worker starts");
+    // The worker's own defaults, as a Job pod runs it.
+    let worker = spawn_worker(&broker, "job", &["--until", "sealed"], &[]);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = redis_commands(&redis).await;
     let started = Instant::now();
@@ -384,12 +372,7 @@ async fn an_idle_until_sealed_worker_costs_little_and_exits_at_the_seal() {
         })
         .await
         .expect("seal");
-    let output = tokio::time::timeout(Duration::from_secs(10), worker.wait_with_output())
-        .await
-        .expect("the worker exits after the seal")
-        .expect("the worker's output");
-    let log = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{log}");
+    let log = finish_ok(worker, Duration::from_secs(10)).await;
     assert!(
         sealed_at.elapsed() < Duration::from_secs(3),
         "woken by the seal, not its 5 s wait: {:?}",

@@ -3,41 +3,22 @@
 
 use std::{
     collections::HashMap,
-    process::{Output, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
 use tokio::process::{Child, Command};
 use wq_tests::*;
 
+/// `wq-worker` on `queue` with `extra` arguments, waiting 500 ms per Lease unless told.
 fn worker(broker: &Broker, queue: &str, extra: &[&str]) -> Child {
-    let mut command = Command::new(binary("wq-worker"));
-    command.args(["--broker", &broker.url(), "--queue", queue]);
+    // Before `extra`: what follows a `--` there is the command's own.
+    let mut args = Vec::new();
     if !extra.contains(&"--max-wait") {
-        command.args(["--max-wait", "500ms"]);
+        args.extend(["--max-wait", "500ms"]);
     }
-    command
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("wq-worker starts")
-}
-
-async fn finish(child: Child, within: Duration) -> Output {
-    tokio::time::timeout(within, child.wait_with_output())
-        .await
-        .expect("the worker exits in time")
-        .expect("the worker's output")
-}
-
-/// Waits for the worker to exit 0 and returns its stderr (the log, ending with its summary).
-async fn finish_ok(child: Child, within: Duration) -> String {
-    let output = finish(child, within).await;
-    let err = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(output.status.success(), "{err}");
-    err
+    args.extend_from_slice(extra);
+    spawn_worker(broker, queue, &args, &[])
 }
 
 /// SIGTERMs the worker and checks that it exits 0 having released `released` items, and that

@@ -5,7 +5,7 @@
 use std::{
     ffi::OsStr,
     path::Path,
-    process::{Output, Stdio},
+    process::Stdio,
     time::{Duration, Instant},
 };
 
@@ -16,38 +16,11 @@ use tokio::{
 use tonic::transport::ClientTlsConfig;
 use wq_tests::{pki::Pki, *};
 
-/// Starts `wq-worker` on `queue` of `broker` with `extra` arguments and `env` added to the
-/// environment.
+/// `wq-worker` on `queue` with `extra` arguments and `env`, waiting 500 ms per Lease.
 fn worker(broker: &Broker, queue: &str, extra: &[&str], env: &[(&str, &OsStr)]) -> Child {
-    let mut command = Command::new(binary("wq-worker"));
-    command
-        .args(["--broker", &broker.url(), "--queue", queue])
-        .args(["--max-wait", "500ms"])
-        .args(extra);
-    for (name, value) in env {
-        command.env(name, value);
-    }
-    command
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("wq-worker starts")
-}
-
-async fn finish(child: Child, within: Duration) -> Output {
-    tokio::time::timeout(within, child.wait_with_output())
-        .await
-        .expect("the worker exits in time")
-        .expect("the worker's output")
-}
-
-/// Waits for the worker to exit 0 and returns its log.
-async fn finish_ok(child: Child, within: Duration) -> String {
-    let output = finish(child, within).await;
-    let err = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(output.status.success(), "{:?}: {err}", output.status);
-    err
+    let mut args = vec!["--max-wait", "500ms"];
+    args.extend_from_slice(extra);
+    spawn_worker(broker, queue, &args, env)
 }
 
 /// Waits until `file` holds a pid, and returns it.
