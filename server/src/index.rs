@@ -28,15 +28,19 @@ impl Store {
             .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
     }
 
-    /// How long a claimed or idle queue waits for its next visit, in ms.
-    pub(crate) fn idle_visit_ms(&self) -> i64 {
+    /// How long a claimed or idle queue waits for its next visit.
+    pub(crate) fn idle_visit_period(&self) -> Duration {
         let ttl = self.config().queue_idle_ttl;
-        let period = if ttl.is_zero() {
+        if ttl.is_zero() {
             LONGEST_UNVISITED
         } else {
             ttl.min(LONGEST_UNVISITED)
-        };
-        i64::try_from(period.as_millis()).unwrap_or(i64::MAX)
+        }
+    }
+
+    /// [`Store::idle_visit_period`] in ms.
+    pub(crate) fn idle_visit_ms(&self) -> i64 {
+        i64::try_from(self.idle_visit_period().as_millis()).unwrap_or(i64::MAX)
     }
 
     /// This process's clock `after` from now, in Unix ms (saturating).

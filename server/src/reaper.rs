@@ -8,7 +8,10 @@
 //! Lease calls do not poll Redis themselves, so every few rounds the queues with waiters in this
 //! process get a pass too.
 
-use std::sync::Arc;
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio_util::sync::CancellationToken;
 
@@ -32,7 +35,7 @@ const WAITER_CHECK_ROUNDS: u64 = 10;
 pub async fn run(
     store: Arc<Store>,
     notifier: Arc<Notifier>,
-    interval: std::time::Duration,
+    interval: Duration,
     stop: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(interval);
@@ -76,15 +79,24 @@ pub async fn run(
 /// One round: the due queues, and (when `with_waiters`) the queues this process has waiters on.
 /// A queue whose visit fails is logged and left for its next visit; the round goes on.
 async fn run_round(store: &Store, notifier: &Notifier, with_waiters: bool) -> Result<()> {
-    let mut queues = store.claim_due(MAX_QUEUES_PER_ROUND).await?;
+    let claimed_at = Instant::now();
+    let claimed = store.claim_due(MAX_QUEUES_PER_ROUND).await?;
+    // The claim keeps other replicas off these queues for one claim period only: a round
+    // slower than that (a thousand queues under load) would visit queues another replica has
+    // claimed, visited and forgotten since. The rest are due again, for whoever comes first.
+    let claim_holds_for = store.idle_visit_period() / 2;
+    let mut queues: Vec<(String, bool)> = claimed.into_iter().map(|q| (q, true)).collect();
     if with_waiters {
         for queue in notifier.waited_queues() {
-            if !queues.contains(&queue) {
-                queues.push(queue);
+            if !queues.iter().any(|(claimed, _)| *claimed == queue) {
+                queues.push((queue, false));
             }
         }
     }
-    for queue in queues {
+    for (queue, claimed) in queues {
+        if claimed && claimed_at.elapsed() > claim_holds_for {
+            continue;
+        }
         if let Err(error) = visit(store, notifier, &queue).await {
             tracing::warn!(queue = %queue, %error, "reaping a queue failed; it is visited again");
             // If Redis is down this fails too, and the claim's period stands.

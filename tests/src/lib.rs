@@ -343,17 +343,24 @@ pub async fn redis_conn(redis: &RedisProcess) -> redis::aio::MultiplexedConnecti
 
 /// Script calls Redis has run so far (`INFO commandstats`).
 pub async fn script_calls(redis: &RedisProcess) -> u64 {
-    command_calls(redis, |command| command == "evalsha" || command == "eval").await
+    command_counts(redis)
+        .await
+        .iter()
+        .filter(|(command, _)| *command == "evalsha" || *command == "eval")
+        .map(|(_, calls)| calls)
+        .sum()
 }
 
 /// Commands Redis has run so far, every command counted (`INFO commandstats`; commands run
 /// inside scripts included), less the INFO calls that read it.
 pub async fn redis_commands(redis: &RedisProcess) -> u64 {
-    command_calls(redis, |command| command != "info").await
+    command_counts(redis).await.values().sum()
 }
 
-/// The calls of the commands `counted` picks, summed over `INFO commandstats`.
-async fn command_calls(redis: &RedisProcess, counted: impl Fn(&str) -> bool) -> u64 {
+/// Calls per command Redis has run so far (`INFO commandstats`, commands run inside scripts
+/// included), less the INFO calls that read it: subtract two readings with
+/// [`command_counts_since`] to see what a broker at rest is doing.
+pub async fn command_counts(redis: &RedisProcess) -> std::collections::BTreeMap<String, u64> {
     let mut conn = redis_conn(redis).await;
     let stats: String = redis::cmd("INFO")
         .arg("commandstats")
@@ -364,17 +371,40 @@ async fn command_calls(redis: &RedisProcess, counted: impl Fn(&str) -> bool) -> 
         .lines()
         .filter_map(|line| {
             let (command, rest) = line.strip_prefix("cmdstat_")?.split_once(':')?;
-            if !counted(command) {
+            if command == "info" {
                 return None;
             }
-            rest.split("calls=")
+            let calls = rest
+                .split("calls=")
                 .nth(1)?
                 .split(',')
                 .next()?
-                .parse::<u64>()
-                .ok()
+                .parse()
+                .ok()?;
+            Some((command.to_owned(), calls))
         })
-        .sum()
+        .collect()
+}
+
+/// The commands run between two [`command_counts`] readings, busiest first, as
+/// `command=calls` pairs: what an at-rest assertion prints when it fails.
+pub fn command_counts_since(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> String {
+    let mut ran: Vec<(&str, u64)> = after
+        .iter()
+        .map(|(command, calls)| {
+            let earlier = before.get(command).copied().unwrap_or(0);
+            (command.as_str(), calls.saturating_sub(earlier))
+        })
+        .filter(|(_, calls)| *calls > 0)
+        .collect();
+    ran.sort_by_key(|(_, calls)| std::cmp::Reverse(*calls));
+    ran.iter()
+        .map(|(command, calls)| format!("{command}={calls}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Every key and value in Redis, for asserting that a rejected call changed nothing.
