@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian/Ubuntu machine with Rust lacks for one of the README's two
 # commands, and nothing it already has: `scripts/system-packages.sh demo` (redis-server,
-# python3) or `scripts/system-packages.sh test` (also python3-venv, npm, kubectl, and the
-# rustfmt and clippy components). Uses apt-get, through sudo when not root; says what it
-# installs before it does.
+# python3) or `scripts/system-packages.sh test` (also redis-tools, redis-sentinel,
+# python3-venv, npm, kubectl, and the rustfmt and clippy components). Uses apt-get, through
+# sudo when not root; says what it installs before it does.
 set -euo pipefail
 
 want="${1:-test}"
@@ -11,6 +11,9 @@ need=()
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 if [ "$want" = "test" ]; then
+  # The cluster and Sentinel tests: redis-cli joins the cluster, redis-sentinel watches a master.
+  command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
+  command -v redis-sentinel >/dev/null 2>&1 || need+=(redis-sentinel)
   python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
   command -v npm >/dev/null 2>&1 || need+=(nodejs npm)
   command -v kubectl >/dev/null 2>&1 || need+=(kubernetes-client)

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, ValueEnum};
 
-use crate::auth::ReflectionAccess;
+use crate::{auth::ReflectionAccess, connection::RedisMode};
 
 /// Command-line configuration of `wq-server`.
 #[derive(Debug, Clone, Parser)]
@@ -19,9 +19,21 @@ pub struct Config {
     #[arg(long, env = "WQ_LISTEN", default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
 
-    /// Redis to keep all state in. Ignored with `--dev`.
+    /// Redis to keep all state in: one URL, or for `--redis-mode cluster` some of the
+    /// cluster's nodes and for `sentinel` the sentinels, comma-separated. `rediss://` speaks
+    /// TLS; a user and password go in the URL (`redis://user:password@host:port`). Ignored with
+    /// `--dev`.
     #[arg(long, env = "WQ_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: String,
+
+    /// What `--redis-url` names: one server, the nodes of a Redis Cluster, or the sentinels of
+    /// a master group.
+    #[arg(long, env = "WQ_REDIS_MODE", value_enum, default_value_t = RedisMode::Standalone)]
+    pub redis_mode: RedisMode,
+
+    /// The master group's name in `--redis-mode sentinel` (`sentinel monitor <name> ...`).
+    #[arg(long, env = "WQ_SENTINEL_MASTER")]
+    pub sentinel_master: Option<String>,
 
     /// Start a private `redis-server` child (no persistence, data in a temporary directory)
     /// instead of connecting to `--redis-url`: the quickest way to try wq on a laptop.

@@ -41,15 +41,35 @@ impl From<redis::RedisError> for Error {
         // Connection-level trouble, and the server states that pass by themselves (loading an
         // AOF after a restart, a failover in progress), are retryable; anything else means a
         // script or reply did not match what the broker expects.
+        // On a cluster, topology changes (MOVED, ASK, TRYAGAIN, CLUSTERDOWN) are retried by
+        // the connection first; one that outlasts its retries is as passing as a failover.
+        // NOREPLICAS is a master that lost its replicas under `min-replicas-to-write`.
         let passing = matches!(
             err.code(),
-            Some("LOADING" | "BUSY" | "MASTERDOWN" | "READONLY" | "TRYAGAIN" | "CLUSTERDOWN")
+            Some(
+                "LOADING"
+                    | "BUSY"
+                    | "MASTERDOWN"
+                    | "READONLY"
+                    | "TRYAGAIN"
+                    | "CLUSTERDOWN"
+                    | "MOVED"
+                    | "ASK"
+                    | "NOREPLICAS"
+            )
+        );
+        let sentinel_or_cluster = matches!(
+            err.kind(),
+            redis::ErrorKind::MasterNameNotFoundBySentinel
+                | redis::ErrorKind::NoValidReplicasFoundBySentinel
+                | redis::ErrorKind::ClusterConnectionNotFound
         );
         if err.code() == Some("OOM") {
             Self::ResourceExhausted(
                 "the broker's Redis store is out of memory; retry after work has drained".into(),
             )
         } else if passing
+            || sentinel_or_cluster
             || err.is_io_error()
             || err.is_connection_dropped()
             || err.is_connection_refusal()

@@ -111,4 +111,28 @@ mod tests {
         assert_eq!(keys.item_prefix_of(0), "wq:{job2}:i:");
         assert_eq!(keys.item_prefix_of(3), "wq:{job2}:i3:");
     }
+
+    #[test]
+    fn every_key_a_queue_script_touches_is_in_the_queue_slot() {
+        use redis::cluster_routing::Slot;
+        let get_slot = |key: &[u8]| Slot::for_key(key);
+        for queue in ["q1", "q2", "q4", "a.b-c_d", &"x".repeat(128)] {
+            let keys = QueueKeys::new("wq", queue);
+            let slot = get_slot(keys.ready.as_bytes());
+            assert_eq!(slot, get_slot(format!("{{{queue}}}").as_bytes()));
+            let built_in_lua = [
+                keys.item("some-id"),
+                keys.item_prefix_of(7) + "some-id",
+                format!("{}:trash:3", keys.ready),
+            ];
+            for key in keys
+                .script_keys()
+                .map(str::to_owned)
+                .into_iter()
+                .chain(built_in_lua)
+            {
+                assert_eq!(get_slot(key.as_bytes()), slot, "{key} of {queue}");
+            }
+        }
+    }
 }

@@ -12,6 +12,7 @@
 //! - [`lease`]: Lease's waiting and release-on-cancel logic; [`delivery`]: release of items
 //!   whose Lease reply was not delivered.
 //! - [`store`], [`scripts`], [`keys`], [`reply`]: Redis access, one method per Lua script;
+//!   [`connection`], [`sentinel`]: the one connection they share, in each `--redis-mode`;
 //!   [`index`]: the queue index that tells the reaper which queues need it when.
 //! - [`lease_id`]: the opaque lease handle; [`model`]: the data the store takes and returns.
 //! - [`notify`], [`reaper`], [`health`]: the background tasks.
@@ -27,6 +28,7 @@ pub mod auth;
 mod coalesce;
 pub mod combined;
 pub mod config;
+pub mod connection;
 pub mod delivery;
 pub mod dev;
 pub mod error;
@@ -41,6 +43,7 @@ pub mod notify;
 pub mod reaper;
 pub mod reply;
 pub mod scripts;
+pub mod sentinel;
 pub mod service;
 pub mod shutdown;
 pub mod store;
@@ -59,7 +62,14 @@ use wq_proto::v1::{
     work_queue_service_server::WorkQueueServiceServer,
 };
 
-use crate::{admin::Admin, config::BrokerConfig, notify::Notifier, service::Broker, store::Store};
+use crate::{
+    admin::Admin,
+    config::BrokerConfig,
+    connection::{RedisConnection, RedisTarget, Subscribers},
+    notify::Notifier,
+    service::Broker,
+    store::Store,
+};
 
 /// How often the health monitor pings Redis.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -88,7 +98,7 @@ pub enum ServeError {
 /// [`ServeError`] when the configuration is invalid or the server fails.
 pub async fn serve(
     listener: TcpListener,
-    redis: redis::Client,
+    redis: impl Into<RedisTarget>,
     config: BrokerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
@@ -112,8 +122,16 @@ pub async fn serve(
             None
         }
     };
+    let redis: RedisTarget = redis.into();
     let config = Arc::new(config);
-    let store = Arc::new(Store::new(redis.clone(), Arc::clone(&config))?);
+    let conn = RedisConnection::new(&redis, config.redis_timeout)?;
+    let subscribers = Subscribers::of(&redis, &conn);
+    let sentinel = match &conn {
+        RedisConnection::Sentinel(master) => Some(Arc::clone(master)),
+        _ => None,
+    };
+    tracing::info!(mode = ?redis.mode(), nodes = %redis.describe(), "redis");
+    let store = Arc::new(Store::new(conn, Arc::clone(&config)));
     let notifier = Arc::new(Notifier::default());
     let stop = CancellationToken::new();
 
@@ -131,7 +149,7 @@ pub async fn serve(
             stop.clone(),
         )),
         tokio::spawn(notify::listen(
-            redis,
+            subscribers,
             store.notify_channel().to_owned(),
             Arc::clone(&notifier),
             config.redis_timeout,
@@ -144,6 +162,7 @@ pub async fn serve(
             stop.clone(),
         )),
     ];
+    let switch_watch = sentinel.map(|master| tokio::spawn(master.watch_switches(stop.clone())));
     let token_reload = tokens.as_ref().map(|tokens| {
         tokio::spawn(Arc::clone(tokens).reload(
             config.security.auth_reload,
@@ -233,7 +252,11 @@ pub async fn serve(
         }
     };
     stop.cancel();
-    for task in background.into_iter().chain(token_reload) {
+    for task in background
+        .into_iter()
+        .chain(token_reload)
+        .chain(switch_watch)
+    {
         let _ = task.await;
     }
     tracing::info!("wq-server stopped");

@@ -12,6 +12,8 @@ use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::connection::Subscribers;
+
 /// Most waiters one message wakes (a batch of thousands of items need not wake more).
 const MAX_WAKE_PER_MESSAGE: u64 = 1024;
 
@@ -105,18 +107,23 @@ fn parse_message(payload: &[u8]) -> Option<(u64, &str)> {
     Some((count.parse().ok()?, queue))
 }
 
-/// Subscribes to the notification channel until `stop`, reconnecting with backoff. After every
-/// (re)subscription all waiters re-check, since messages sent meanwhile are lost.
+/// Subscribes to the notification channel until `stop`, reconnecting with backoff (on a
+/// cluster, to the next node). After every (re)subscription all waiters re-check, since
+/// messages sent meanwhile are lost.
 pub async fn listen(
-    client: redis::Client,
+    subscribers: Subscribers,
     channel: String,
     notifier: Arc<Notifier>,
     connect_timeout: Duration,
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
-    while !stop.is_cancelled() {
+    for attempt in 0.. {
+        if stop.is_cancelled() {
+            return;
+        }
         let connect = async {
+            let client = subscribers.client(attempt).await?;
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
             Ok::<_, redis::RedisError>(pubsub)

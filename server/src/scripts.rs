@@ -1,17 +1,21 @@
 //! The Lua scripts, one per operation (`server/lua/*.lua`), loaded once per process.
 //!
-//! Each script of one queue is `lua/lib.lua` followed by the operation's own
-//! file, so the shared helpers exist once in the source and every operation is still a single
-//! atomic EVALSHA. redis-rs loads a script on its first NOSCRIPT reply, so a restarted or
+//! Each script of one queue is `#!lua`, `lua/lib.lua` and the operation's own file, so the
+//! shared helpers exist once in the source and every operation is still a single atomic
+//! EVALSHA whose keys Redis confines to the queue's slot. redis-rs loads a script on its first NOSCRIPT reply, so a restarted or
 //! failed-over Redis needs no special handling.
 
 use redis::{Script, ScriptInvocation};
 
 use crate::{config::BrokerConfig, keys::QueueKeys};
 
+// `#!lua` on the first line makes Redis 7 check, at run time, that a script touches no key
+// outside the slot of its declared keys; scripts without it may reach any key of the node they
+// run on, which on a cluster breaks as soon as a slot moves.
 macro_rules! script_with_lib {
     ($file:literal) => {
         Script::new(concat!(
+            "#!lua\n",
             include_str!("../lua/lib.lua"),
             "\n",
             include_str!(concat!("../lua/", $file))
@@ -69,7 +73,7 @@ impl Scripts {
             purge: script_with_lib!("purge.lua"),
             delete_queue: script_with_lib!("delete_queue.lua"),
             delete_trash: script_with_lib!("delete_trash.lua"),
-            due: Script::new(include_str!("../lua/due.lua")),
+            due: Script::new(concat!("#!lua\n", include_str!("../lua/due.lua"))),
         }
     }
 }

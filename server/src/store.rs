@@ -1,7 +1,8 @@
 //! The Redis side of the broker: one typed async method per script, plus the few plain reads.
 //!
-//! All calls share one [`ConnectionManager`]: a multiplexed connection that pipelines concurrent
-//! requests by itself and reconnects in the background. A pool checkout per call would cost an
+//! All calls share one [`RedisConnection`] (standalone, cluster or sentinel; see
+//! [`crate::connection`]): a multiplexed connection that pipelines concurrent requests by itself
+//! and reconnects in the background. A pool checkout per call would cost an
 //! extra round trip (deadpool-redis pings on every recycle), and a single multiplexed connection
 //! already keeps Redis busier than a pool does (see `../shared/notes/ecosystem.md`). Every call is
 //! bounded by the configured Redis timeout and fails with UNAVAILABLE past it.
@@ -9,12 +10,13 @@
 use std::{future::Future, sync::Arc, time::Duration};
 
 use bytes::Bytes;
-use redis::{Value, aio::ConnectionManager};
+use redis::Value;
 use tokio::sync::Semaphore;
 
 use crate::{
     combined::{CompleteLine, LeaseLine},
     config::BrokerConfig,
+    connection::RedisConnection,
     error::{Error, Result},
     keys::{self, QueueKeys},
     lease_id::LeaseId,
@@ -29,7 +31,7 @@ pub use crate::model::{
 /// The broker's handle on Redis. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     scripts: Scripts,
     config: Arc<BrokerConfig>,
     channel: String,
@@ -44,21 +46,10 @@ pub struct Store {
 }
 
 impl Store {
-    /// Creates a store on `client` without connecting yet: the broker starts (NOT_SERVING) even
+    /// Creates a store on `conn` (which connects lazily): the broker starts (NOT_SERVING) even
     /// while Redis is down, and connects when Redis answers.
-    ///
-    /// # Errors
-    /// When the connection manager cannot be created from the client's settings.
-    pub fn new(client: redis::Client, config: Arc<BrokerConfig>) -> redis::RedisResult<Self> {
-        let manager_config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.redis_timeout))
-            .set_response_timeout(Some(config.redis_timeout))
-            // Reconnects are retried by the next call; a long retry loop would outlast the
-            // caller's timeout anyway.
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, manager_config)?;
-        Ok(Self {
+    pub fn new(conn: RedisConnection, config: Arc<BrokerConfig>) -> Self {
+        Self {
             conn,
             scripts: Scripts::new(),
             channel: keys::notify_channel(&config.key_prefix),
@@ -67,7 +58,7 @@ impl Store {
             lease_line: Arc::new(LeaseLine::new(config.max_lease_items as usize)),
             complete_line: Arc::new(CompleteLine::new(config.max_batch)),
             config,
-        })
+        }
     }
 
     /// The pub/sub channel the scripts publish ready notifications on.

@@ -9,8 +9,9 @@ use std::{net::SocketAddr, time::Duration};
 use tokio::{sync::oneshot, task::JoinHandle};
 use tonic::transport::{Channel, ClientTlsConfig};
 pub use wq_proto::v1 as pb;
-pub use wq_server::{config::BrokerConfig, dev::RedisProcess};
+pub use wq_server::{config::BrokerConfig, connection::RedisTarget, dev::RedisProcess};
 
+pub mod cluster;
 pub mod pki;
 
 /// A gRPC client of the work-queue service.
@@ -25,6 +26,11 @@ pub async fn redis() -> RedisProcess {
         Ok(redis) => redis,
         Err(error) => panic!("cannot start the test's redis-server: {error}"),
     }
+}
+
+/// The target of one Redis server at `url`.
+pub fn standalone(url: &str) -> RedisTarget {
+    RedisTarget::Standalone(redis::Client::open(url).expect("valid redis url"))
 }
 
 /// Broker settings for tests: short minimum lease, fast reaper and backoff, short Redis timeout.
@@ -68,18 +74,24 @@ impl Broker {
 
     /// Starts a broker listening on `address` (e.g. the address of a broker that was stopped).
     pub async fn start_at(redis_url: &str, config: BrokerConfig, address: SocketAddr) -> Self {
-        Self::launch(redis_url, config, address, None).await
+        Self::launch(standalone(redis_url), config, address, None).await
+    }
+
+    /// Starts a broker on any Redis target (a cluster, sentinels).
+    pub async fn start_on(redis: RedisTarget, config: BrokerConfig) -> Self {
+        let address = "127.0.0.1:0".parse().expect("an address");
+        Self::launch(redis, config, address, None).await
     }
 
     /// Starts a broker whose `config` serves TLS; the harness's channels (and [`Self::url`])
     /// use `https://localhost` with `tls`.
     pub async fn start_tls(redis_url: &str, config: BrokerConfig, tls: ClientTlsConfig) -> Self {
         let address = "127.0.0.1:0".parse().expect("an address");
-        Self::launch(redis_url, config, address, Some(tls)).await
+        Self::launch(standalone(redis_url), config, address, Some(tls)).await
     }
 
     async fn launch(
-        redis_url: &str,
+        redis: RedisTarget,
         config: BrokerConfig,
         address: SocketAddr,
         tls: Option<ClientTlsConfig>,
@@ -88,9 +100,8 @@ impl Broker {
             .await
             .expect("binding a loopback port");
         let address = listener.local_addr().expect("bound address");
-        let client = redis::Client::open(redis_url).expect("valid redis url");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(wq_server::serve(listener, client, config, async {
+        let task = tokio::spawn(wq_server::serve(listener, redis, config, async {
             let _ = stopped.await;
         }));
         let broker = Self {

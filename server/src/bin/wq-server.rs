@@ -2,7 +2,10 @@
 
 use anyhow::Context as _;
 use clap::Parser as _;
-use wq_server::config::{Config, LogFormat};
+use wq_server::{
+    config::{Config, LogFormat},
+    connection::{RedisMode, RedisTarget},
+};
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -11,6 +14,9 @@ async fn main() -> anyhow::Result<()> {
 
     // Kept alive for the whole run: dropping it stops the private Redis.
     let mut dev_redis = None;
+    if config.dev && config.redis_mode != RedisMode::Standalone {
+        anyhow::bail!("--dev starts one private redis-server: it takes no --redis-mode");
+    }
     let redis_url = if config.dev {
         let redis = wq_server::dev::RedisProcess::start()
             .await
@@ -22,14 +28,18 @@ async fn main() -> anyhow::Result<()> {
     } else {
         config.redis_url.clone()
     };
-    let client = redis::Client::open(redis_url.as_str())
-        .with_context(|| format!("invalid --redis-url {redis_url:?}"))?;
+    let redis = RedisTarget::parse(
+        config.redis_mode,
+        &redis_url,
+        config.sentinel_master.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     wq_server::serve(
         listener,
-        client,
+        redis,
         config.broker,
         wq_server::shutdown::signal(),
     )

@@ -6,6 +6,7 @@ mod bad_input;
 mod cli;
 mod cli_edges;
 mod client;
+mod cluster;
 mod deploy;
 mod edges;
 mod enqueue;

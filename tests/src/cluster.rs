@@ -1,0 +1,231 @@
+//! A real Redis Cluster for tests: three masters and three replicas, each a private
+//! `redis-server` on free loopback ports (the cluster bus too), joined with
+//! `redis-cli --cluster create`, with AOF `appendfsync always` so a restarted node keeps its
+//! data. Dropping it stops every node.
+
+use std::{process::Stdio, time::Duration};
+
+use wq_server::{connection::RedisTarget, dev::RedisProcess};
+
+/// How long the cluster's nodes wait before they call a silent node failed (ms): short, so
+/// failover tests take seconds; the replica is promoted about two such periods after the kill.
+pub const NODE_TIMEOUT_MS: u64 = 2000;
+
+/// A running cluster.
+#[derive(Debug)]
+pub struct RedisCluster {
+    /// Every node; which of them are masters changes with failovers (see
+    /// [`RedisCluster::master_of`]).
+    pub nodes: Vec<RedisProcess>,
+}
+
+impl RedisCluster {
+    /// Starts three masters with one replica each, or panics saying what is missing.
+    pub async fn start() -> Self {
+        let mut nodes = Vec::new();
+        for _ in 0..6 {
+            let bus = free_port();
+            let node_timeout = NODE_TIMEOUT_MS.to_string();
+            let bus = bus.to_string();
+            let args = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &bus,
+                "--cluster-node-timeout",
+                &node_timeout,
+                // The healthy shards keep serving while one shard is down (the default `yes`
+                // refuses every key then; docs/SCALING.md).
+                "--cluster-require-full-coverage",
+                "no",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ];
+            match RedisProcess::start_with(&args).await {
+                Ok(node) => nodes.push(node),
+                Err(error) => panic!("cannot start a cluster node: {error}"),
+            }
+        }
+        let addresses: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("127.0.0.1:{}", node.port()))
+            .collect();
+        let created = tokio::process::Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .unwrap_or_else(|error| {
+                panic!(
+                    "cannot run redis-cli ({error}); install it with `sudo apt-get install \
+                     redis-tools`"
+                )
+            });
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&created.stdout),
+            String::from_utf8_lossy(&created.stderr)
+        );
+        let cluster = Self { nodes };
+        cluster.wait_ok().await;
+        cluster
+    }
+
+    /// The nodes as a `--redis-url` list.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(RedisProcess::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The target a broker is given for this cluster.
+    pub fn target(&self) -> RedisTarget {
+        RedisTarget::parse(
+            wq_server::connection::RedisMode::Cluster,
+            &self.urls(),
+            None,
+        )
+        .expect("cluster URLs")
+    }
+
+    /// Waits until every running node reports `cluster_state:ok` and agrees on three masters
+    /// that cover every slot.
+    pub async fn wait_ok(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut ok = true;
+            for node in self.nodes.iter().filter(|node| node.pid().is_some()) {
+                let info: String = match node_query(node, redis::cmd("CLUSTER").arg("INFO")).await {
+                    Some(info) => info,
+                    None => {
+                        ok = false;
+                        break;
+                    }
+                };
+                ok &= info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384");
+            }
+            if ok {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the cluster did not reach cluster_state:ok within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The index in [`RedisCluster::nodes`] of the master that serves `queue` now.
+    pub async fn master_of(&self, queue: &str) -> usize {
+        let slot = self.slot_of(queue).await;
+        for node in self.nodes.iter().filter(|node| node.pid().is_some()) {
+            let Some(slots) =
+                node_query::<redis::Value>(node, redis::cmd("CLUSTER").arg("SLOTS")).await
+            else {
+                continue;
+            };
+            if let Some(port) = master_port_for(&slots, slot)
+                && let Some(index) = self.nodes.iter().position(|n| n.port() == port)
+            {
+                return index;
+            }
+        }
+        panic!("no node knows who serves slot {slot} of {queue}");
+    }
+
+    /// The slot of `queue`'s keys (`CLUSTER KEYSLOT`).
+    pub async fn slot_of(&self, queue: &str) -> u16 {
+        for node in self.nodes.iter().filter(|node| node.pid().is_some()) {
+            let tag = format!("{{{queue}}}");
+            if let Some(slot) =
+                node_query(node, redis::cmd("CLUSTER").arg("KEYSLOT").arg(&tag)).await
+            {
+                return slot;
+            }
+        }
+        panic!("no cluster node answers CLUSTER KEYSLOT");
+    }
+
+    /// A queue name for each master at start-up (`{q4}`, `{q1}` and `{q2}` land on the three
+    /// slot ranges `redis-cli --cluster create` gives).
+    pub fn queue_per_master() -> [&'static str; 3] {
+        ["q4", "q1", "q2"]
+    }
+
+    /// A client connection to the cluster, for inspecting keys.
+    pub async fn conn(&self) -> redis::cluster_async::ClusterConnection {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|node| node.pid().is_some())
+            .map(RedisProcess::url)
+            .collect();
+        redis::cluster::ClusterClient::new(nodes)
+            .expect("cluster client")
+            .get_async_connection()
+            .await
+            .expect("connecting to the cluster")
+    }
+
+    /// Sum of `calls=` of every command in `INFO commandstats` over the running nodes.
+    pub async fn commands(&self) -> u64 {
+        let mut total = 0;
+        for node in self.nodes.iter().filter(|node| node.pid().is_some()) {
+            total += crate::command_counts(node).await.values().sum::<u64>();
+        }
+        total
+    }
+}
+
+/// The master's port in a `CLUSTER SLOTS` reply for `slot`.
+fn master_port_for(slots: &redis::Value, slot: u16) -> Option<u16> {
+    let redis::Value::Array(ranges) = slots else {
+        return None;
+    };
+    for range in ranges {
+        let redis::Value::Array(fields) = range else {
+            continue;
+        };
+        let (Some(redis::Value::Int(start)), Some(redis::Value::Int(end))) =
+            (fields.first(), fields.get(1))
+        else {
+            continue;
+        };
+        if (*start..=*end).contains(&i64::from(slot))
+            && let Some(redis::Value::Array(master)) = fields.get(2)
+            && let Some(redis::Value::Int(port)) = master.get(1)
+        {
+            return u16::try_from(*port).ok();
+        }
+    }
+    None
+}
+
+async fn node_query<T: redis::FromRedisValue>(node: &RedisProcess, cmd: &redis::Cmd) -> Option<T> {
+    let client = redis::Client::open(node.url()).ok()?;
+    let attempt = async {
+        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+        cmd.query_async::<T>(&mut conn).await.ok()
+    };
+    tokio::time::timeout(Duration::from_secs(1), attempt)
+        .await
+        .ok()
+        .flatten()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free loopback port")
+}
