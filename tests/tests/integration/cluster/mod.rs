@@ -2,6 +2,7 @@
 //! RPC on queues of every master through two broker replicas, cross-replica wake-ups, and the
 //! walkthrough with real binaries.
 
+mod failover;
 mod rpcs;
 
 use std::time::Duration;
