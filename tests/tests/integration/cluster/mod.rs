@@ -4,6 +4,7 @@
 
 mod failover;
 mod rpcs;
+mod walkthrough;
 
 use std::time::Duration;
 

@@ -96,7 +96,7 @@ fn free_port() -> u16 {
         .port()
 }
 
-pub(super) fn scratch_dir() -> tempfile::TempDir {
+pub(crate) fn scratch_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("wq-faults-")
         .tempdir()
@@ -119,7 +119,7 @@ const TEST_BROKER_FLAGS: [&str; 10] = [
 ];
 
 /// A `wq-server` process (the real binary), killed when dropped.
-pub(super) struct ServerProcess {
+pub(crate) struct ServerProcess {
     child: Child,
     pub(super) address: SocketAddr,
     pub(super) log: PathBuf,
@@ -127,7 +127,7 @@ pub(super) struct ServerProcess {
 
 impl ServerProcess {
     /// Starts one on a free port, retrying on another port if this one was taken meanwhile.
-    pub(super) async fn start(redis_url: &str, dir: &Path, extra: &[&str]) -> Self {
+    pub(crate) async fn start(redis_url: &str, dir: &Path, extra: &[&str]) -> Self {
         let mut failure = String::new();
         for _ in 0..3 {
             let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -181,7 +181,7 @@ impl ServerProcess {
         Err(format!("not SERVING within 20 s: {}", tail(&log, 5)))
     }
 
-    pub(super) fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.address)
     }
 

@@ -11,7 +11,7 @@
 
 mod crashes;
 mod fleet;
-mod harness;
+pub(crate) mod harness;
 mod misbehaving;
 mod redis;
 mod waiters;
