@@ -22,6 +22,7 @@ use redis::{
     aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::{ClusterClientBuilder, ClusterConfig},
     cluster_async::ClusterConnection,
+    cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo},
 };
 
 use crate::sentinel::SentinelMaster;
@@ -208,6 +209,32 @@ impl RedisConnection {
                 SentinelMaster::new(sentinels.clone(), master.clone(), timeout),
             ))),
         }
+    }
+}
+
+impl RedisConnection {
+    /// Checks that Redis answers: on a cluster, that some master does. A shard without a
+    /// master fails only its own queues' calls, so it must not take every broker out of
+    /// service (redis-rs would send a plain PING to every node and need all of them).
+    ///
+    /// # Errors
+    /// When no node answers.
+    pub async fn ping(&self) -> redis::RedisResult<()> {
+        match self {
+            Self::Cluster(conn) => {
+                let routing = RoutingInfo::MultiNode((
+                    MultipleNodeRoutingInfo::AllMasters,
+                    Some(ResponsePolicy::OneSucceeded),
+                ));
+                conn.clone()
+                    .route_command(redis::cmd("PING"), routing)
+                    .await?;
+            }
+            other => {
+                let _: String = redis::cmd("PING").query_async(&mut other.clone()).await?;
+            }
+        }
+        Ok(())
     }
 }
 

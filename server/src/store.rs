@@ -128,8 +128,7 @@ impl Store {
     /// # Errors
     /// UNAVAILABLE when it does not within the Redis timeout.
     pub async fn ping(&self) -> Result<()> {
-        let _: String = self.command(&redis::cmd("PING")).await?;
-        Ok(())
+        self.bounded(self.conn.ping()).await
     }
 
     /// Starts a call of one of `queue`'s scripts with the keys and arguments they all take.

@@ -10,6 +10,7 @@ use std::{
 use wq_tests::*;
 
 use super::{cluster_config, cluster_with_brokers};
+use crate::faults::harness::health_of;
 
 /// Leases and completes on `queue` until it is drained, riding out errors (UNAVAILABLE while
 /// the shard fails over); records every completion acknowledged to it, and returns the codes
@@ -123,6 +124,18 @@ async fn a_master_killed_mid_drain_fails_over_and_every_item_is_completed() {
     .await;
     let killed_at = Instant::now();
     cluster.nodes[master].kill().await;
+    // The other shards still serve, so the brokers stay SERVING throughout.
+    let health = tokio::spawn({
+        let url = first.url();
+        async move {
+            let mut statuses = Vec::new();
+            while killed_at.elapsed() < Duration::from_secs(8) {
+                statuses.push(health_of(&url).await);
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            statuses
+        }
+    });
     let mut errors = Vec::new();
     for worker in running {
         errors.extend(
@@ -133,6 +146,13 @@ async fn a_master_killed_mid_drain_fails_over_and_every_item_is_completed() {
         );
     }
     let drained_after = killed_at.elapsed();
+    let statuses = health.await.expect("health probe");
+    assert!(
+        statuses
+            .iter()
+            .all(|status| *status == Some(health::ServingStatus::Serving)),
+        "health while one shard failed over: {statuses:?}"
+    );
     cluster.wait_ok().await;
     let done = done.lock().expect("lock").clone();
     let missing: Vec<&String> = ids.iter().filter(|id| !done.contains_key(*id)).collect();

@@ -208,7 +208,7 @@ impl ServerProcess {
 }
 
 /// The overall health status a broker reports, or `None` when it does not answer.
-pub(super) async fn health_of(url: &str) -> Option<ServingStatus> {
+pub(crate) async fn health_of(url: &str) -> Option<ServingStatus> {
     let check = async {
         let channel = Channel::from_shared(url.to_owned())
             .ok()?
