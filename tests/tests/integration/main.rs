@@ -20,5 +20,6 @@ mod outage;
 mod security;
 mod setup;
 mod tools;
+mod waiting;
 mod worker;
 mod worker_process;
