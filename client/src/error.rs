@@ -164,6 +164,20 @@ fn code_name(code: Code) -> &'static str {
     }
 }
 
+/// Whether `status` is the broker saying it is momentarily too busy for this call: its byte
+/// budget for calls in flight (`--max-buffered-bytes`, or one connection's share of it) or its
+/// Redis calls in flight (`--max-redis-in-flight`) were full. The broker refuses these before
+/// the call has any effect, and they pass as calls end, so retrying with backoff is right.
+/// Other RESOURCE_EXHAUSTED answers (a message over `--max-message-bytes`, a queue at
+/// `--max-queue-length`, waiting-Lease limits) would fail again. The broker names the limit's
+/// flag in every such message; that is what this matches, as the status has no other marker.
+pub(crate) fn broker_busy(status: &Status) -> bool {
+    status.code() == Code::ResourceExhausted
+        && ["(--max-buffered-bytes", "(--max-redis-in-flight"]
+            .iter()
+            .any(|flag| status.message().contains(flag))
+}
+
 /// Why TLS failed, in words, when `error` or one of its sources is a TLS failure that no retry
 /// with the same settings can fix.
 ///
@@ -250,6 +264,37 @@ fn tls_hint(text: &str) -> Option<&'static str> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_the_brokers_momentary_limits_count_as_busy() {
+        let busy = [
+            "this connection's calls hold too many bytes (--max-buffered-bytes-per-connection \
+             25165824); retry when some have ended, or spread calls over more connections",
+            "the broker's calls hold too many bytes (--max-buffered-bytes 100663296); retry later",
+            "the broker is busy: 1024 Redis calls in flight (--max-redis-in-flight) for over 2s",
+        ];
+        for message in busy {
+            assert!(
+                broker_busy(&Status::resource_exhausted(message)),
+                "{message}"
+            );
+            assert!(
+                !broker_busy(&Status::invalid_argument(message)),
+                "{message}"
+            );
+        }
+        for message in [
+            "queue \"q\" is full: it holds 10 items and this batch would add 5, past \
+             --max-queue-length 10; nothing was enqueued",
+            "request message of 20000000 bytes is over --max-message-bytes 16777216",
+            "message length too large: found 20000000 bytes, the limit is: 16777216 bytes",
+        ] {
+            assert!(
+                !broker_busy(&Status::resource_exhausted(message)),
+                "{message}"
+            );
+        }
+    }
     use super::*;
 
     #[test]

@@ -4,9 +4,10 @@
 //! connection. It adds what every caller would otherwise write again: a clear, one-line error
 //! when the broker cannot be reached or TLS fails, a deadline on every call, HTTP/2 keepalive,
 //! a message limit that fits the broker's (not tonic's 4 MiB), retries with backoff on
-//! UNAVAILABLE for the calls where a retry cannot do harm (reads, flag changes, and enqueues
-//! whose ids were assigned before the first try), and [`Client::enqueue_all`], which batches
-//! any stream of items.
+//! UNAVAILABLE, and on a busy broker's RESOURCE_EXHAUSTED (its byte budget or Redis calls in
+//! flight were full), for the calls where a retry cannot do harm (reads, flag changes, and
+//! enqueues whose ids were assigned before the first try), and [`Client::enqueue_all`], which
+//! batches any stream of items by count and bytes.
 //!
 //! # Layout
 //!
@@ -232,8 +233,9 @@ impl Client {
         }
     }
 
-    /// Runs `call` until it succeeds, fails with something other than UNAVAILABLE, the retry
-    /// policy is spent, or the call's deadline (which covers every attempt) leaves no room for
+    /// Runs `call` until it succeeds, fails with something other than UNAVAILABLE or a busy
+    /// broker's RESOURCE_EXHAUSTED (see `error::broker_busy`), the retry policy is spent (for
+    /// UNAVAILABLE), or the call's deadline (which covers every attempt) leaves no room for
     /// another. Only for calls that are safe to repeat.
     async fn retrying<T, F, Fut>(&self, name: &'static str, mut call: F) -> Result<T>
     where
@@ -256,8 +258,10 @@ impl Client {
                 }
             };
             let pause = delay.mul_f64(rand::random::<f64>() * 0.5 + 0.75);
-            let retry = status.code() == Code::Unavailable
-                && attempt < self.retry.attempts
+            // A busy broker refused the call unseen; it is retried for as long as the deadline
+            // allows, as it passes when other calls end rather than when a replica is back.
+            let retry = ((status.code() == Code::Unavailable && attempt < self.retry.attempts)
+                || error::broker_busy(&status))
                 && Instant::now() + pause < deadline
                 && error::tls_failure(&status).is_none();
             if !retry {

@@ -13,9 +13,14 @@
 //! Roles: `producer` (Enqueue, QueueState, GetItem), `worker` (Lease, ExtendLease, Complete,
 //! Fail, Release, QueueState), `sealer` (SealQueue: a producer that is done closes its queue,
 //! without any other admin right) and `admin` (everything, QueueAdminService included). Queue
-//! patterns are shell globs (`*`, `?`, `[…]`); without any the grant covers every queue. Names
-//! are 1–15 characters of `[A-Za-z0-9._-]`: shorter than any token, so a line whose token and
-//! name were swapped is always refused instead of making the token a logged name.
+//! patterns are shell globs (`*`, `?`, `[…]`); without any the grant covers every queue.
+//!
+//! Names are 1–64 characters of `[A-Za-z0-9._-]`, and a line whose token and name were swapped
+//! is always refused, so that a token never becomes a name that logs and error messages show.
+//! A name shorter than [`MIN_TOKEN_BYTES`] cannot be a token (swapped, the token field would
+//! be too short). A longer one must [read as words](reads_like_name), and its token must not:
+//! swapped, such a line would have a name that does not read as words. The test is on the
+//! pair, so no guess about what tokens look like can let one through.
 //!
 //! [`Gate`] runs in front of every service as a tower layer: it answers UNAUTHENTICATED
 //! without a valid `authorization: Bearer …` header and PERMISSION_DENIED for a method outside
@@ -45,8 +50,28 @@ use crate::validate;
 /// Shortest token accepted in the file: guessing must stay out of reach.
 pub const MIN_TOKEN_BYTES: usize = 16;
 
-/// Longest grant name: shorter than any token, so swapped fields cannot pass for a grant.
-pub const MAX_NAME_BYTES: usize = MIN_TOKEN_BYTES - 1;
+/// Longest grant name: names of existing token files, such as `batch-seeder.eu-west-1`, fit.
+pub const MAX_NAME_BYTES: usize = 64;
+
+/// Longest part of a name, between separators, that may mix letters and digits freely (`k8s`).
+const SHORT_WORD_BYTES: usize = 3;
+
+/// Whether `text` reads as a name rather than a random token: words separated by `.`, `_` or
+/// `-`, each letters followed by digits (`worker`, `eu`, `west1`, `2024`) or at most
+/// [`SHORT_WORD_BYTES`] characters of anything. Random tokens practically never do (a hex
+/// token would need all its letters before all its digits); passphrase-like tokens do, and are
+/// then refused beside a long name (see the module documentation).
+pub fn reads_like_name(text: &str) -> bool {
+    text.split(['.', '_', '-']).all(|word| {
+        let digits_from = word
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(word.len());
+        let (letters, digits) = word.split_at(digits_from);
+        word.len() <= SHORT_WORD_BYTES
+            || (letters.bytes().all(|b| b.is_ascii_alphabetic())
+                && digits.bytes().all(|b| b.is_ascii_digit()))
+    })
+}
 
 /// What a role allows, as a set of bits so a grant can hold several.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -246,6 +271,24 @@ impl TokenTable {
                     "line {line_no}: field 2 (the name) must be 1-{MAX_NAME_BYTES} characters of \
                      [A-Za-z0-9._-]; the fields are TOKEN NAME ROLES [QUEUE-PATTERN…], in this \
                      order"
+                ));
+            }
+            // Both checks refuse a line that may have been written with token and name
+            // swapped; neither says more than which rule failed.
+            if name.len() >= MIN_TOKEN_BYTES && !reads_like_name(name) {
+                return Err(format!(
+                    "line {line_no}: field 2 (the name) is {MIN_TOKEN_BYTES} characters or more \
+                     and does not read as words (letters then digits, separated by . _ or -), \
+                     so it could be a token in the wrong field; use such words, or a name under \
+                     {MIN_TOKEN_BYTES} characters"
+                ));
+            }
+            if name.len() >= MIN_TOKEN_BYTES && reads_like_name(token) {
+                return Err(format!(
+                    "line {line_no}: field 1 (the token) reads as words, like a name, and field 2 \
+                     (the name) is {MIN_TOKEN_BYTES} characters or more, so they could be \
+                     swapped; use a random token (openssl rand -hex 32), or a name under \
+                     {MIN_TOKEN_BYTES} characters"
                 ));
             }
             let roles = Roles::parse(roles).ok_or_else(|| {
@@ -645,12 +688,58 @@ mod tests {
         for line in [
             format!("ops {SECRET} admin"),
             format!("seeder-for-batch {SECRET} producer"),
+            format!("batch-seeder.eu-west-1 {SECRET} producer"),
             format!("{SECRET} admin ops"),
             format!("admin ops {SECRET}"),
+            // Tokens of other shapes, swapped with a long name.
+            "batch-seeder.eu-west-1 0b7c0c5e-9f3a-4d47-8f0e-5d2c9b1a7e44 producer".to_owned(),
+            "batch-seeder.eu-west-1 Zm9vYmFyYmF6cXV4cXV1eA producer".to_owned(),
+            "batch-seeder.eu-west-1 correct-horse-battery-staple producer".to_owned(),
         ] {
             let error = TokenTable::parse(&line).expect_err(&line);
             assert!(error.starts_with("line 1: field "), "{error}");
             assert_quotes_no_field(&line, &error);
+        }
+    }
+
+    #[test]
+    fn long_names_of_existing_token_files_load() {
+        let file = "
+            3f1c0b5e9a7d4c2e8b6a0f1d3c5e7a9b batch-seeder-production producer,sealer batch-*
+            0b7c0c5e-9f3a-4d47-8f0e-5d2c9b1a7e44 job-worker.eu-west-1 worker
+            Zm9vYmFyYmF6cXV4cXV1eA_k8s-2 k8s_nightly_cleanup_2024 admin
+            short-name-token-0123 ops admin
+        ";
+        let table = TokenTable::parse(file).expect("realistic long names");
+        assert_eq!(table.len(), 4);
+        let worker = caller_for(&table, "0b7c0c5e-9f3a-4d47-8f0e-5d2c9b1a7e44").expect("worker");
+        assert_eq!(worker.name(), "job-worker.eu-west-1");
+        let name = "a".repeat(MAX_NAME_BYTES);
+        TokenTable::parse(&format!("3f1c0b5e9a7d4c2e8b6a0f1d3c5e7a9b {name} admin"))
+            .expect("64 characters");
+        let error = TokenTable::parse(&format!("3f1c0b5e9a7d4c2e8b6a0f1d3c5e7a9b {name}a admin"))
+            .expect_err("65 characters");
+        assert!(error.contains("field 2 (the name) must be 1-64"), "{error}");
+    }
+
+    #[test]
+    fn names_read_as_words_and_random_tokens_do_not() {
+        for name in [
+            "ops",
+            "seeder-for-batch",
+            "job-worker.eu-west-1",
+            "k8s_nightly_cleanup_2024",
+            "JobWorkerProduction",
+        ] {
+            assert!(reads_like_name(name), "{name}");
+        }
+        for token in [
+            "3f1c0b5e9a7d4c2e8b6a0f1d3c5e7a9b",
+            "0b7c0c5e-9f3a-4d47-8f0e-5d2c9b1a7e44",
+            "Zm9vYmFyYmF6cXV4cXV1eA",
+            "producer-token-0123456789x",
+        ] {
+            assert!(!reads_like_name(token), "{token}");
         }
     }
 

@@ -16,7 +16,8 @@
 //!   not only the command, so `sh -c` scripts and their children go too.
 //! - **Secrets.** The worker's own credentials ([`STRIPPED_ENV`]) are removed from the
 //!   command's environment: the token is for talking to the broker, not for every program the
-//!   queue's payloads make it run.
+//!   queue's payloads make it run. (The `wq-worker` binary also makes itself non-dumpable, so
+//!   a command cannot read the token from `/proc/<worker>/environ` or the worker's memory.)
 
 use std::{future::Future, process::Stdio, time::Duration};
 

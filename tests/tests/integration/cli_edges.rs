@@ -786,3 +786,91 @@ async fn health_speaks_tls_with_client_certificates_and_tokens() {
     let message = one_line_failure(&output, 1);
     assert!(message.contains("client certificate"), "{message}");
 }
+
+/// Twenty lines just under the broker's 1 MiB payload limit are valid items, but as one batch
+/// of --batch 500 they were a 20 MiB message, past the broker's 16 MiB: batches are cut at
+/// 4 MiB too.
+#[tokio::test]
+async fn seed_of_near_max_lines_is_batched_by_bytes() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let file = dir.path().join("big.txt");
+    let line = "y".repeat((1 << 20) - 64);
+    let text: String = (0..20).map(|i| format!("{i}{line}\n")).collect();
+    std::fs::write(&file, text).expect("writing the input");
+    let file = file.to_str().expect("a UTF-8 path");
+    let output = wq(
+        &broker.url(),
+        &["seed", "big", "--file", file, "--ids", "uuid"],
+    )
+    .await;
+    assert!(
+        ok(output).contains("added 20 items to big, 0 duplicates"),
+        "every line"
+    );
+}
+
+/// A line over --max-item-bytes stops the seed naming its line, as soon as the bytes past the
+/// limit arrive: the test keeps stdin open in the middle of that line, so a reader that looked
+/// for its end would wait for ever (and hold all of it in memory).
+#[tokio::test]
+async fn seed_stops_at_an_over_long_line_without_reading_the_rest_of_it() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut child = Command::new(binary("wq"))
+        .args(["--broker", &broker.url(), "seed", "q", "--ids", "uuid"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("wq runs");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin
+        .write_all(b"first\nsecond\n")
+        .await
+        .expect("two good lines");
+    // 2 MiB of line 3, and no end to it while wq runs.
+    let writer = tokio::spawn(async move {
+        let chunk = vec![b'z'; 64 << 10];
+        for _ in 0..32 {
+            if stdin.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = stdin.flush().await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        drop(stdin);
+    });
+    let output = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("wq stops without waiting for the end of the line")
+        .expect("wq runs");
+    writer.abort();
+    let message = one_line_failure(&output, 1);
+    assert!(
+        message.starts_with("error: line 3: longer than 1048576 bytes (--max-item-bytes"),
+        "{message}"
+    );
+    assert!(
+        stdout(&output).contains("added 2 items to q"),
+        "{}",
+        stdout(&output)
+    );
+    // The limit is a flag: a smaller one applies to a complete line too.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let file = dir.path().join("items.txt");
+    std::fs::write(&file, "ok\nfour\n").expect("writing the input");
+    let file = file.to_str().expect("a UTF-8 path");
+    let output = wq(
+        &broker.url(),
+        &["seed", "small", "--file", file, "--max-item-bytes", "3"],
+    )
+    .await;
+    let message = one_line_failure(&output, 1);
+    assert!(
+        message.starts_with("error: line 2: longer than 3 bytes"),
+        "{message}"
+    );
+}

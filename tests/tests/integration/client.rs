@@ -69,3 +69,52 @@ async fn unavailable_is_retried_for_safe_calls_until_redis_returns() {
         "{not_found}"
     );
 }
+
+/// Items just under the broker's 1 MiB payload limit.
+fn near_max_items(prefix: &str, count: usize) -> Vec<pb::EnqueueItem> {
+    let payload = "x".repeat((1 << 20) - 1024);
+    (0..count)
+        .map(|i| item_with_id(&format!("{prefix}-{i}"), &payload))
+        .collect()
+}
+
+/// Batches of 15 near-max items (15 MiB, under the 16 MiB message limit), four in flight, from
+/// three callers sharing one connection, while Redis stalls for 2 s (SIGSTOP): the batches the
+/// connection's 24 MiB share of the broker's byte budget admitted wait for Redis, and the others
+/// wait for room longer than the broker lets them (1 s) and are refused with RESOURCE_EXHAUSTED.
+/// Batches cut at 4 MiB, 8 MiB in flight per call, and retries of the budget's refusals let
+/// every item in once Redis is back. Default limits otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_all_of_near_max_items_fits_the_brokers_byte_budget() {
+    let redis = redis().await;
+    let config = BrokerConfig {
+        redis_timeout: Duration::from_secs(5),
+        ..BrokerConfig::default()
+    };
+    let broker = Broker::start_with(&redis.url(), config).await;
+    let client = Client::connect(&broker.url()).await.expect("connect");
+    let pid = redis.pid().expect("Redis runs");
+    signal(pid, "-STOP");
+    let calls: Vec<_> = ["a", "b", "c"]
+        .into_iter()
+        .map(|prefix| {
+            let client = client.clone();
+            let items = near_max_items(prefix, 16);
+            tokio::spawn(async move {
+                client
+                    .enqueue_all("big", stream::iter(items), 15, 4, |_| {})
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal(pid, "-CONT");
+    for call in calls {
+        let summary = call
+            .await
+            .expect("the task")
+            .expect("a valid seed of large items succeeds");
+        assert_eq!((summary.added, summary.duplicates), (16, 0));
+    }
+    assert_eq!(client.queue_state("big").await.expect("state").ready, 48);
+}

@@ -21,5 +21,6 @@ mod outage;
 mod security;
 mod setup;
 mod tools;
+mod waiting;
 mod worker;
 mod worker_process;

@@ -322,6 +322,48 @@ async fn a_rotated_token_file_takes_effect_and_a_broken_one_locks_nobody_out() {
         .expect("the last good tokens stay in force");
 }
 
+/// Token files written before names were limited to 15 characters keep working: a long name
+/// loads, and is what a refusal names.
+#[tokio::test]
+async fn token_files_with_long_grant_names_load() {
+    const SEEDER: &str = "3f1c0b5e9a7d4c2e8b6a0f1d3c5e7a9b";
+    const RUNNER: &str = "0b7c0c5e-9f3a-4d47-8f0e-5d2c9b1a7e44";
+    let redis = redis().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut config = test_config();
+    config.security.auth_tokens = Some(write_tokens(
+        dir.path(),
+        &format!(
+            "{SEEDER} batch-seeder-production producer jobs-*\n\
+             {RUNNER} job-worker.eu-west-1 worker\n"
+        ),
+    ));
+    let broker = Broker::start_with(&redis.url(), config).await;
+    let seeder = as_caller(&broker, Some(SEEDER)).await;
+    seeder
+        .enqueue("jobs-1", items(&["a"]))
+        .await
+        .expect("the long-named grant works");
+    let error = seeder
+        .enqueue("payroll", items(&["b"]))
+        .await
+        .expect_err("outside the grant's queues");
+    assert_eq!(error.code(), Some(Code::PermissionDenied));
+    assert!(
+        error.to_string().contains("\"batch-seeder-production\""),
+        "{error}"
+    );
+    let runner = as_caller(&broker, Some(RUNNER)).await;
+    let error = runner
+        .enqueue("jobs-1", items(&["c"]))
+        .await
+        .expect_err("a worker may not enqueue");
+    assert!(
+        error.to_string().contains("\"job-worker.eu-west-1\""),
+        "{error}"
+    );
+}
+
 #[tokio::test]
 async fn a_broker_refuses_to_start_on_a_bad_token_file() {
     let redis = redis().await;

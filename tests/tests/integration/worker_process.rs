@@ -1,6 +1,7 @@
 //! `wq-worker` as a pod running real commands: what a command can do to the worker (flood its
 //! stderr, leave a background process holding its pipes, start children that ignore SIGTERM,
-//! read the environment) and signals that come before the broker is reachable.
+//! read the environment, or the worker's token through /proc) and signals that come before the
+//! broker is reachable.
 
 use std::{
     ffi::OsStr,
@@ -367,5 +368,89 @@ async fn sigterm_while_the_broker_is_unreachable_exits_zero_at_once() {
     assert!(
         seen.contains("stopped before reaching the broker"),
         "{seen}"
+    );
+}
+
+/// Whether this test runs as root (whose CAP_SYS_PTRACE reads any process's /proc files).
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|status| {
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("Uid:"))
+            .and_then(|uids| uids.split_whitespace().nth(1))
+            == Some("0")
+    })
+}
+
+/// A command running as the worker's own user tries to read the worker's token through /proc:
+/// its environment and its memory. The worker is non-dumpable, so both are refused; the command
+/// itself is dumpable again (a child of it reads its environment), as `execve` resets the flag.
+#[tokio::test]
+async fn a_command_of_the_same_user_cannot_read_the_workers_token_from_proc() {
+    const TOKEN: &str = "worker-secret-0123456789abcdef";
+    let redis = redis().await;
+    let config = BrokerConfig {
+        completed_retention: Duration::from_secs(60),
+        ..test_config()
+    };
+    let broker = Broker::start_with(&redis.url(), config).await;
+    let mut client = broker.client().await;
+    enqueue(&mut client, "q", vec![item_with_id("proc", "x")]).await;
+    // $PPID is the worker. The last line reads the command's own environment from a child.
+    let script = r#"
+        tr '\0' '\n' < /proc/$PPID/environ || echo environ-refused
+        (exec 3< /proc/$PPID/mem) 2>/dev/null && echo mem-opened || echo mem-refused
+        echo "own: $(sh -c 'tr "\0" "\n" < /proc/$PPID/environ' | grep '^WQ_ITEM_ID=')"
+    "#;
+    let worker_args = [
+        "--broker",
+        &broker.url(),
+        "--queue",
+        "q",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ];
+    // As root the command would read everything anyway (CAP_SYS_PTRACE), as it would in a pod
+    // running as root: run the worker as nobody, without capabilities, like a restricted pod.
+    let mut command = if running_as_root() {
+        let mut command = Command::new("setpriv");
+        command
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+                "--bounding-set=-all",
+                "--",
+            ])
+            .arg(binary("wq-worker"));
+        command
+    } else {
+        Command::new(binary("wq-worker"))
+    };
+    let child = command
+        .args(worker_args)
+        .env("WQ_TOKEN", TOKEN)
+        .current_dir("/")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("wq-worker starts");
+    let log = finish_ok(child, Duration::from_secs(20)).await;
+    assert!(log.contains("completed=1"), "{log}");
+    let item = get_item(&mut client, "q", "proc").await.expect("retained");
+    let printed = String::from_utf8_lossy(&item.result);
+    assert!(
+        !printed.contains(TOKEN),
+        "the command read the token: {printed}"
+    );
+    assert!(printed.contains("environ-refused"), "{printed}");
+    assert!(printed.contains("mem-refused"), "{printed}");
+    assert!(
+        printed.contains("own: WQ_ITEM_ID=proc"),
+        "the command itself is dumpable: {printed}"
     );
 }

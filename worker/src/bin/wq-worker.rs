@@ -22,7 +22,8 @@ enum Until {
 
 /// Lease items from a wq queue and run COMMAND once per item (payload on stdin; WQ_QUEUE,
 /// WQ_ITEM_ID and WQ_ATTEMPT in the environment, the worker's WQ_TOKEN and TLS variables removed
-/// from it). Exit status 0 completes the item with stdout as its result; the
+/// from it; the worker itself is non-dumpable, so a command of the same user cannot read the
+/// token from /proc/$PPID/environ or the worker's memory). Exit status 0 completes the item with stdout as its result; the
 /// --permanent-exit-code status dead-letters it; any other status retries it with the tail of
 /// stderr as the error. Without COMMAND, print each item and sleep --work-time.
 #[derive(Debug, Parser)]
@@ -69,6 +70,8 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // First of all, before the token is read from a file into memory: see `hide_from_commands`.
+    let hidden = hide_from_commands();
     // Before anything that can wait: as PID 1 of a container a signal with no handler is
     // ignored, and the connect retries below can take more than a minute.
     let termination = Termination::listen();
@@ -80,6 +83,13 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Err(error) = hidden {
+        tracing::warn!(
+            %error,
+            "cannot make this process non-dumpable: commands running as this user can read the \
+             worker's token from /proc"
+        );
+    }
     let shutdown = termination.cancel_on_signal();
     let client = tokio::select! {
         client = connect(&args.connection) => match client {
@@ -136,6 +146,24 @@ async fn main() -> ExitCode {
     } else {
         ExitCode::SUCCESS
     }
+}
+
+/// Makes this process non-dumpable (`prctl(PR_SET_DUMPABLE, 0)`), so that the commands it runs,
+/// which run as the same user, cannot read its token: `/proc/<worker>/environ`, `mem`, `maps`
+/// and `fd/` become root's, and ptrace and `process_vm_readv` are refused to anyone without
+/// CAP_SYS_PTRACE. It also means no core dump of the worker. The commands themselves are
+/// unaffected: the kernel makes a process dumpable again when it executes a program, so a
+/// command (and a debugger on it) works as before. What it does not hide: the worker's command
+/// line (`/proc/<pid>/cmdline` stays world-readable, hence `WQ_TOKEN` or `--token-file` rather
+/// than `--token`), a token file the command's user may read, and anything from root in the
+/// pod or a process holding CAP_SYS_PTRACE.
+fn hide_from_commands() -> std::io::Result<()> {
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    {
+        use rustix::process::{DumpableBehavior, set_dumpable_behavior};
+        set_dumpable_behavior(DumpableBehavior::NotDumpable)?;
+    }
+    Ok(())
 }
 
 /// Connects, retrying while the broker is not up yet (pods may start before it), for a minute.

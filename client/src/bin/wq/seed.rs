@@ -1,7 +1,9 @@
 //! `wq seed`: items from the arguments, a file or stdin, streamed to the broker in batches sent
 //! one after another, so the queue's order is the input's and memory stays bounded whatever
-//! the input's size. A batch goes out when it is full or when the input pauses, so a slow
-//! producer's items are in the queue while it is still writing.
+//! the input's size. A batch goes out when it is full (in items or in bytes) or when the input
+//! pauses, so a slow producer's items are in the queue while it is still writing. A line longer
+//! than `--max-item-bytes` stops the seed when its first bytes past the limit are read: the rest
+//! of it is never held in memory.
 
 use std::{
     fmt,
@@ -11,20 +13,25 @@ use std::{
 };
 
 use anyhow::{Context as _, anyhow};
-use tokio::sync::mpsc;
-use wq_client::{Client, pb};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use wq_client::{
+    Client,
+    batch::{MAX_BATCH_BYTES, item_bytes},
+    pb,
+};
 
 /// How `wq seed` reads its input; shown by `wq seed --help`.
 pub(crate) const INPUT_RULES: &str = "\
-Input: one item per line, sent in batches in input order (a batch goes out when full, or when \
-the input pauses for 100 ms, so items from a slow producer are queued as they come).
+Input: one item per line, sent in batches in input order (a batch goes out when it holds --batch \
+items or 4 MiB, or when the input pauses for 100 ms, so items from a slow producer are queued \
+as they come).
   - a UTF-8 byte order mark at the start of line 1 is dropped;
   - lines may end in \\n or \\r\\n (the \\r is dropped); the last line needs no newline;
   - empty and whitespace-only lines are skipped; any other line is the item as it is, spaces \
 included;
-  - a line that is not UTF-8, or (with --ids payload) cannot be an id, stops the seed: the \
-error names its line number (counting every line, skipped ones too), and the lines before it \
-have been sent.
+  - a line that is not UTF-8, is longer than --max-item-bytes (read no further than that), or \
+(with --ids payload) cannot be an id, stops the seed with exit status 1: the error names its \
+line number (counting every line, skipped ones too), and the lines before it have been sent.
 Arguments are items as given (none are skipped).";
 
 /// How long the input may pause before a partial batch is sent anyway.
@@ -32,6 +39,13 @@ const PAUSE: Duration = Duration::from_millis(100);
 
 /// Lines read ahead of the batch being sent: what bounds memory, whatever the input's size.
 const READ_AHEAD: usize = 1024;
+
+/// Bytes of lines read ahead of the batch being sent: with long lines, [`READ_AHEAD`] lines
+/// alone could be a gigabyte.
+const READ_AHEAD_BYTES: usize = 8 << 20;
+
+/// The broker's default `--max-payload-bytes`: the default longest line.
+const DEFAULT_MAX_ITEM_BYTES: usize = 1 << 20;
 
 /// The longest id the broker accepts.
 const MAX_ID_BYTES: usize = 128;
@@ -54,9 +68,14 @@ pub(crate) struct SeedArgs {
     /// drained.
     #[arg(long)]
     seal: bool,
-    /// Items per Enqueue call (at most the broker's --max-batch).
+    /// Items per Enqueue call (at most the broker's --max-batch); a batch also goes out at
+    /// 4 MiB.
     #[arg(long, default_value_t = wq_client::batch::DEFAULT_BATCH)]
     batch: usize,
+    /// Longest line in bytes (without its line ending): the broker's --max-payload-bytes,
+    /// 1 MiB by default. A longer line stops the seed, read no further than this.
+    #[arg(long, default_value_t = DEFAULT_MAX_ITEM_BYTES)]
+    max_item_bytes: usize,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -84,7 +103,8 @@ impl fmt::Display for Origin {
 /// What the reading thread hands on.
 #[derive(Debug)]
 enum Input {
-    Item(Origin, String),
+    /// An item, and its share of [`READ_AHEAD_BYTES`], given back once it is in a batch.
+    Item(Origin, String, Option<OwnedSemaphorePermit>),
     /// A line that stops the seed, and why.
     Bad(Origin, String),
     /// Reading failed.
@@ -96,6 +116,8 @@ enum Input {
 struct Batch {
     items: Vec<pb::EnqueueItem>,
     origins: Vec<Origin>,
+    /// Encoded bytes of `items`.
+    bytes: usize,
 }
 
 /// Runs `wq seed`.
@@ -110,7 +132,7 @@ pub(crate) async fn run(client: &Client, args: SeedArgs) -> anyhow::Result<()> {
         std::thread::spawn(move || {
             for (index, item) in (1..).zip(items) {
                 if sender
-                    .blocking_send(Input::Item(Origin::Argument(index), item))
+                    .blocking_send(Input::Item(Origin::Argument(index), item, None))
                     .is_err()
                 {
                     return;
@@ -121,14 +143,16 @@ pub(crate) async fn run(client: &Client, args: SeedArgs) -> anyhow::Result<()> {
         let file =
             std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
         let reader = std::io::BufReader::new(file);
-        std::thread::spawn(move || read_lines(reader, &sender));
+        let lines = Lines::new(args.max_item_bytes);
+        std::thread::spawn(move || lines.read(reader, &sender));
     } else {
         if std::io::stdin().is_terminal() {
             eprintln!("reading items from stdin, one per line (Ctrl-D to end)");
         }
         // A plain thread, not spawn_blocking: a read blocked on stdin must not keep the
         // runtime (and so the process) alive after an error.
-        std::thread::spawn(move || read_lines(std::io::stdin().lock(), &sender));
+        let lines = Lines::new(args.max_item_bytes);
+        std::thread::spawn(move || lines.read(std::io::stdin().lock(), &sender));
     }
 
     let bar = std::io::stderr().is_terminal().then(|| {
@@ -197,8 +221,13 @@ impl Seeder<'_> {
             };
             let stop = match next {
                 None => None,
-                Some(Input::Item(origin, text)) => match item(text, ids) {
+                Some(Input::Item(origin, text, _read_ahead)) => match item(text, ids) {
                     Ok(item) => {
+                        let bytes = item_bytes(&item);
+                        if batch.bytes + bytes > MAX_BATCH_BYTES {
+                            self.send(&mut batch).await?;
+                        }
+                        batch.bytes += bytes;
                         batch.items.push(item);
                         batch.origins.push(origin);
                         if batch.items.len() >= self.batch_size {
@@ -224,6 +253,7 @@ impl Seeder<'_> {
         }
         let items = std::mem::take(&mut batch.items);
         let origins = std::mem::take(&mut batch.origins);
+        batch.bytes = 0;
         let results = self
             .client
             .enqueue(self.queue, items)
@@ -243,35 +273,112 @@ impl Seeder<'_> {
     }
 }
 
-/// Reads `reader` line by line into `sender` until it ends, a line stops the seed, or the
-/// receiver is gone.
-fn read_lines(mut reader: impl BufRead, sender: &mpsc::Sender<Input>) {
-    let mut raw = Vec::new();
-    let mut number = 0;
-    loop {
-        raw.clear();
-        match reader.read_until(b'\n', &mut raw) {
-            Ok(0) => return,
-            Ok(_) => {}
-            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(error) => {
-                let _ = sender.blocking_send(Input::Failed(error));
+/// The line reader of a file or stdin: line by line, each at most `max_bytes`, with at most
+/// [`READ_AHEAD_BYTES`] read ahead of the sender.
+struct Lines {
+    max_bytes: usize,
+    read_ahead: std::sync::Arc<Semaphore>,
+    /// The runtime, to wait for read-ahead room from the reading thread.
+    runtime: tokio::runtime::Handle,
+}
+
+impl Lines {
+    /// Must be called within the runtime.
+    fn new(max_bytes: usize) -> Self {
+        Self {
+            max_bytes,
+            read_ahead: std::sync::Arc::new(Semaphore::new(READ_AHEAD_BYTES)),
+            runtime: tokio::runtime::Handle::current(),
+        }
+    }
+
+    /// Reads `reader` into `sender` until it ends, a line stops the seed, or the receiver is
+    /// gone.
+    fn read(self, mut reader: impl BufRead, sender: &mpsc::Sender<Input>) {
+        let mut raw = Vec::new();
+        let mut number = 0;
+        // A BOM on line 1 and a CRLF ending are not part of the item.
+        let most = self.max_bytes.saturating_add(5);
+        loop {
+            raw.clear();
+            let complete = match read_line(&mut reader, &mut raw, most) {
+                Ok(None) => return,
+                Ok(Some(complete)) => complete,
+                Err(error) => {
+                    let _ = sender.blocking_send(Input::Failed(error));
+                    return;
+                }
+            };
+            number += 1;
+            let input = if complete {
+                line(number, &raw, self.max_bytes)
+            } else {
+                Some(too_long(number, self.max_bytes))
+            };
+            let Some(mut input) = input else {
+                continue;
+            };
+            if let Input::Item(_, text, permit) = &mut input {
+                let bytes = u32::try_from(text.len().min(READ_AHEAD_BYTES)).unwrap_or(u32::MAX);
+                *permit = self
+                    .runtime
+                    .block_on(std::sync::Arc::clone(&self.read_ahead).acquire_many_owned(bytes))
+                    .ok();
+            }
+            let stop = matches!(input, Input::Bad(..));
+            if sender.blocking_send(input).is_err() || stop {
                 return;
             }
-        }
-        number += 1;
-        let Some(input) = line(number, &raw) else {
-            continue;
-        };
-        let stop = matches!(input, Input::Bad(..));
-        if sender.blocking_send(input).is_err() || stop {
-            return;
         }
     }
 }
 
+/// Reads one line (its `\n` included) into `raw`, but no more than `most` bytes of it: `None`
+/// at the end of the input, `Some(false)` when the line goes on past `most` (the rest is left
+/// unread), `Some(true)` otherwise.
+fn read_line(
+    reader: &mut impl BufRead,
+    raw: &mut Vec<u8>,
+    most: usize,
+) -> std::io::Result<Option<bool>> {
+    loop {
+        let buffer = match reader.fill_buf() {
+            Ok(buffer) => buffer,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
+        if buffer.is_empty() {
+            return Ok((!raw.is_empty()).then_some(true));
+        }
+        let room = most - raw.len();
+        let (taken, ended) = match buffer.iter().position(|&b| b == b'\n') {
+            Some(end) if end < room => (end + 1, true),
+            _ => (buffer.len().min(room), false),
+        };
+        raw.extend_from_slice(&buffer[..taken]);
+        reader.consume(taken);
+        if ended {
+            return Ok(Some(true));
+        }
+        if raw.len() >= most {
+            return Ok(Some(false));
+        }
+    }
+}
+
+/// The error for line `number`, longer than `max_bytes`.
+fn too_long(number: u64, max_bytes: usize) -> Input {
+    Input::Bad(
+        Origin::Line(number),
+        format!(
+            "longer than {max_bytes} bytes (--max-item-bytes, the broker's --max-payload-bytes); \
+             nothing after it was read"
+        ),
+    )
+}
+
 /// Line `number` of the input as the input rules read it: `None` for a line that is skipped.
-fn line(number: u64, raw: &[u8]) -> Option<Input> {
+fn line(number: u64, raw: &[u8], max_bytes: usize) -> Option<Input> {
     const BOM: &[u8] = "\u{feff}".as_bytes();
     let mut line = raw.strip_suffix(b"\n").unwrap_or(raw);
     line = line.strip_suffix(b"\r").unwrap_or(line);
@@ -285,7 +392,8 @@ fn line(number: u64, raw: &[u8]) -> Option<Input> {
             format!("not UTF-8 text (byte {})", error.valid_up_to() + 1),
         )),
         Ok(text) if text.trim().is_empty() => None,
-        Ok(text) => Some(Input::Item(origin, text.to_owned())),
+        Ok(_) if line.len() > max_bytes => Some(too_long(number, max_bytes)),
+        Ok(text) => Some(Input::Item(origin, text.to_owned(), None)),
     }
 }
 
@@ -360,7 +468,7 @@ mod tests {
 
     fn text(input: Option<Input>) -> Option<String> {
         match input {
-            Some(Input::Item(_, text)) => Some(text),
+            Some(Input::Item(_, text, _)) => Some(text),
             Some(other) => panic!("not an item: {other:?}"),
             None => None,
         }
@@ -369,20 +477,44 @@ mod tests {
     #[test]
     fn lines_lose_a_leading_bom_and_crlf_and_blank_ones_are_skipped() {
         assert_eq!(
-            text(line(1, "\u{feff}a b\r\n".as_bytes())).as_deref(),
+            text(line(1, "\u{feff}a b\r\n".as_bytes(), 100)).as_deref(),
             Some("a b")
         );
         // A BOM after line 1 is data.
         assert_eq!(
-            text(line(2, "\u{feff}x\n".as_bytes())).as_deref(),
+            text(line(2, "\u{feff}x\n".as_bytes(), 100)).as_deref(),
             Some("\u{feff}x")
         );
-        assert_eq!(text(line(3, b"last")).as_deref(), Some("last"));
-        assert_eq!(text(line(4, b" \t \r\n")), None);
-        assert_eq!(text(line(5, b"\n")), None);
+        assert_eq!(text(line(3, b"last", 100)).as_deref(), Some("last"));
+        assert_eq!(text(line(4, b" \t \r\n", 100)), None);
+        assert_eq!(text(line(5, b"\n", 100)), None);
         assert!(matches!(
-            line(6, b"a\xffb\n"),
+            line(6, b"a\xffb\n", 100),
             Some(Input::Bad(Origin::Line(6), reason)) if reason.contains("UTF-8")
+        ));
+    }
+
+    #[test]
+    fn a_line_is_read_no_further_than_its_limit() {
+        let mut input = std::io::BufReader::with_capacity(4, &b"abcdefgh\nij\nk"[..]);
+        let mut raw = Vec::new();
+        assert_eq!(read_line(&mut input, &mut raw, 5).ok(), Some(Some(false)));
+        assert_eq!(raw, b"abcde", "only the limit's bytes are taken");
+        raw.clear();
+        // What follows is where the reader stopped; the caller stops there too.
+        assert_eq!(read_line(&mut input, &mut raw, 5).ok(), Some(Some(true)));
+        assert_eq!(raw, b"fgh\n");
+        raw.clear();
+        assert_eq!(read_line(&mut input, &mut raw, 5).ok(), Some(Some(true)));
+        assert_eq!(raw, b"ij\n");
+        raw.clear();
+        assert_eq!(read_line(&mut input, &mut raw, 5).ok(), Some(Some(true)));
+        assert_eq!(raw, b"k");
+        raw.clear();
+        assert_eq!(read_line(&mut input, &mut raw, 5).ok(), Some(None));
+        assert!(matches!(
+            line(7, b"abcd\n", 3),
+            Some(Input::Bad(Origin::Line(7), reason)) if reason.contains("longer than 3 bytes")
         ));
     }
 
