@@ -14,7 +14,10 @@ use http_body::Frame;
 use tokio::time::Sleep;
 use tonic::{Status, body::Body};
 
-use super::budget::{Acquiring, Budget, Charge, Ledger};
+use super::{
+    account::Charge,
+    budget::{Acquiring, Budget, Ledger},
+};
 
 /// Where a request body stands in its gRPC framing: a 5-byte prefix (flag, big-endian length),
 /// then that many bytes, repeated.

@@ -1,27 +1,31 @@
-//! Admission of connections: at most `--max-connections` at once, each with the handshake
-//! deadline, and the [`Peer`] every request finds in its extensions.
+//! Admission of connections: at most `--max-connections` at once, a newcomer at the limit
+//! evicting the connection idle the longest, each with the handshake deadline; and the
+//! [`Peer`] every request finds in its extensions.
 
 use std::{
+    collections::HashMap,
     io,
     net::SocketAddr,
     pin::Pin,
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, LazyLock, Mutex, PoisonError,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
+    time::Instant,
 };
+
+use futures_util::task::AtomicWaker;
 
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
-    sync::{OwnedSemaphorePermit, Semaphore},
     time::Sleep,
 };
 use tokio_stream::Stream;
 use tonic::transport::server::{Connected, TlsConnectInfo};
 
-use super::ConnectionLimits;
+use super::{ConnectionLimits, account::Account};
 
 /// One accepted connection's identity and budget share. Requests find it in their extensions
 /// ([`Peer::of`]); it lives as long as the connection.
@@ -40,7 +44,24 @@ pub(super) struct PeerState {
     /// Set by the first call; lifts the handshake deadline.
     pub(super) started: AtomicBool,
     /// This connection's share of the budget.
-    pub(super) budget: Arc<Semaphore>,
+    pub(super) budget: Arc<Account>,
+    /// Calls in progress that keep the connection from being evicted (any call but the open
+    /// services', which need no token and so cannot be allowed to hold a slot).
+    calls: AtomicUsize,
+    /// When `calls` last fell to zero (or the connection was accepted), in milliseconds since
+    /// [`EPOCH`]: the connection idle the longest is evicted first.
+    idle_since: AtomicU64,
+    /// Set when a newcomer evicted this connection: its next read ends it.
+    evicted: AtomicBool,
+    /// The connection's pending read, woken on eviction.
+    reader: AtomicWaker,
+}
+
+/// The clock of `idle_since`.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn now_ms() -> u64 {
+    u64::try_from(EPOCH.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Peer {
@@ -57,20 +78,83 @@ impl Peer {
                 .map(|i| i.get_ref())
         })
     }
+
+    /// Marks the connection busy until the guard is dropped.
+    pub(super) fn busy(&self) -> Busy {
+        self.state.calls.fetch_add(1, Ordering::AcqRel);
+        Busy(Arc::clone(&self.state))
+    }
 }
 
-/// Accepted connections, at most `limits.max_connections` at once (a connection past it is
-/// closed at once, and the first of a run of them is logged), each with the handshake deadline.
+/// A call in progress on a connection (see [`Peer::busy`]).
+#[derive(Debug)]
+pub(super) struct Busy(Arc<PeerState>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        // Stamped before the count falls, so an evictor never sees an idle connection with a
+        // stale stamp.
+        self.0.idle_since.store(now_ms(), Ordering::Release);
+        self.0.calls.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The connections the broker holds, by id.
+#[derive(Debug, Default)]
+struct Registry {
+    live: Mutex<HashMap<u64, Arc<PeerState>>>,
+}
+
+impl Registry {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<PeerState>>> {
+        self.live.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes room for one more connection under `max`: evicts the connection idle the
+    /// longest when all slots are taken. False when every connection is busy.
+    fn admit(&self, state: &Arc<PeerState>, max: usize) -> bool {
+        let mut live = self.lock();
+        if live.len() >= max {
+            let idle = live
+                .values()
+                .filter(|p| p.calls.load(Ordering::Acquire) == 0)
+                .min_by_key(|p| p.idle_since.load(Ordering::Acquire))
+                .map(Arc::clone);
+            let Some(victim) = idle else {
+                return false;
+            };
+            live.remove(&victim.id);
+            victim.evicted.store(true, Ordering::Release);
+            victim.reader.wake();
+            tracing::debug!(
+                idle_ms = now_ms().saturating_sub(victim.idle_since.load(Ordering::Acquire)),
+                "evicted the connection idle the longest to admit a new one"
+            );
+        }
+        live.insert(state.id, Arc::clone(state));
+        true
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+}
+
+/// Accepted connections, each with the handshake deadline. At `limits.max_connections`, a new
+/// connection evicts the one idle the longest (no call open but the open services'); only
+/// when every connection has a call open is the newcomer closed at once (the first of a run of
+/// them is logged).
 pub fn incoming(
     listener: TcpListener,
     limits: &ConnectionLimits,
 ) -> impl Stream<Item = io::Result<Connection>> + Send + 'static {
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let registry = Arc::new(Registry::default());
     let max_connections = limits.max_connections;
     let handshake = limits.handshake_timeout;
     let per_connection = limits.max_buffered_bytes_per_connection;
     let next_id = AtomicU64::new(1);
     let refusing = AtomicBool::new(false);
+    let evicting = AtomicBool::new(false);
     tokio_stream::StreamExt::filter_map(
         tokio_stream::wrappers::TcpListenerStream::new(listener),
         move |accepted| {
@@ -78,17 +162,38 @@ pub fn incoming(
                 Ok(stream) => stream,
                 Err(error) => return Some(Err(error)),
             };
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            let state = Arc::new(PeerState {
+                id: next_id.fetch_add(1, Ordering::Relaxed),
+                started: AtomicBool::new(false),
+                budget: Account::new(per_connection),
+                calls: AtomicUsize::new(0),
+                idle_since: AtomicU64::new(now_ms()),
+                evicted: AtomicBool::new(false),
+                reader: AtomicWaker::new(),
+            });
+            let full = registry.lock().len() >= max_connections;
+            if !registry.admit(&state, max_connections) {
                 if !refusing.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
                         max_connections,
-                        "connection limit reached (--max-connections): closing new connections \
-                         until others end"
+                        "connection limit reached (--max-connections) and every connection has \
+                         a call open: closing new connections until one is idle or ends"
                     );
                 }
                 tracing::debug!(peer = ?stream.peer_addr().ok(), "connection refused: limit reached");
                 return None;
-            };
+            }
+            if full {
+                if !evicting.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        max_connections,
+                        "connection limit reached (--max-connections): evicted the connection \
+                         idle the longest for a new one (clients reconnect on their next call)"
+                    );
+                }
+            } else {
+                evicting.store(false, Ordering::Relaxed);
+            }
             if refusing.swap(false, Ordering::Relaxed) {
                 tracing::info!("connections accepted again");
             }
@@ -99,31 +204,34 @@ pub fn incoming(
             let peer = Peer {
                 remote: stream.peer_addr().ok(),
                 local: stream.local_addr().ok(),
-                state: Arc::new(PeerState {
-                    id: next_id.fetch_add(1, Ordering::Relaxed),
-                    started: AtomicBool::new(false),
-                    budget: Arc::new(Semaphore::new(per_connection)),
-                }),
+                state,
             };
             Some(Ok(Connection {
                 stream,
                 peer,
                 deadline: Some(Box::pin(tokio::time::sleep(handshake))),
-                _slot: slot,
+                registry: Arc::clone(&registry),
             }))
         },
     )
 }
 
-/// An accepted TCP connection that holds its slot of `--max-connections` and fails its reads
-/// once the handshake deadline passes without a call.
+/// An accepted TCP connection that holds its slot of `--max-connections`, fails its reads
+/// once the handshake deadline passes without a call, and ends (its reads see the end of the
+/// stream) when a newcomer evicts it.
 #[derive(Debug)]
 pub struct Connection {
     stream: TcpStream,
     peer: Peer,
     /// Until the first call: when to give up on this connection.
     deadline: Option<Pin<Box<Sleep>>>,
-    _slot: OwnedSemaphorePermit,
+    registry: Arc<Registry>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.registry.remove(self.peer.state.id);
+    }
 }
 
 impl AsyncRead for Connection {
@@ -133,9 +241,16 @@ impl AsyncRead for Connection {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        let state = &this.peer.state;
+        // Hyper and rustls always have a read pending, so an eviction's wake-up reaches here.
+        state.reader.register(cx.waker());
+        if state.evicted.load(Ordering::Acquire) {
+            // The end of the stream: an idle HTTP/2 connection then closes without error, and
+            // the peer's client reconnects on its next call.
+            return Poll::Ready(Ok(()));
+        }
         if let Some(deadline) = &mut this.deadline {
-            // Hyper and rustls always have a read pending, so the timer's wake-up reaches here.
-            if this.peer.state.started.load(Ordering::Relaxed) {
+            if state.started.load(Ordering::Relaxed) {
                 this.deadline = None;
             } else if deadline.as_mut().poll(cx).is_ready() {
                 tracing::debug!(peer = ?this.peer.remote, "closing a connection that carried no call within --handshake-timeout");

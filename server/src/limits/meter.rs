@@ -1,4 +1,5 @@
-//! The tower layer that charges every call against the [`Budget`] before tonic reads it.
+//! The tower layer that charges every call against the [`Budget`] before tonic reads it, and
+//! keeps the charges until its reply body has been sent or dropped.
 
 use std::{
     future::Future,
@@ -12,6 +13,7 @@ use tonic::{body::Body, transport::server::TcpConnectInfo};
 use super::{
     Budget, CALL_OVERHEAD_BYTES, Peer,
     body::{Framing, MeteredBody},
+    reply::MeteredReply,
 };
 
 /// The services every caller reaches without a token: their messages get the small limit.
@@ -25,6 +27,13 @@ fn is_open(path: &str) -> bool {
 /// received is charged, so a long session does not pile up charges.
 fn has_streaming_request(path: &str) -> bool {
     path.ends_with("ServerReflection/ServerReflectionInfo")
+}
+
+/// Calls that live on after their handler returned (a reply stream): on the open services
+/// they are charged to the open services' own share, so that callers without a token cannot
+/// hold the whole budget with them.
+fn is_long_lived(path: &str) -> bool {
+    path == "/grpc.health.v1.Health/Watch" || has_streaming_request(path)
 }
 
 /// What a header list counts against the HTTP/2 `SETTINGS_MAX_HEADER_LIST_SIZE` (RFC 9113
@@ -97,8 +106,9 @@ where
         }
         let path = request.uri().path();
         let (open, streaming) = (is_open(path), has_streaming_request(path));
+        let open_stream = open && is_long_lived(path);
         let base = CALL_OVERHEAD_BYTES + header_bytes(&request);
-        let (ledger, receiving) = match self.budget.admit(peer.as_ref(), base) {
+        let (ledger, receiving) = match self.budget.admit(peer.as_ref(), base, open_stream, open) {
             Ok((ledger, receiving)) => (Arc::new(ledger), receiving),
             Err(status) => {
                 tracing::debug!(path, "call refused: byte budget exhausted");
@@ -129,11 +139,16 @@ where
         });
         let response = self.inner.call(request);
         Box::pin(async move {
-            let response = response.await;
-            // The handler is done with the request's messages (a unary handler holds them
-            // until here); the body, if still alive, keeps its own reference.
-            drop(ledger);
-            response
+            let (parts, body) = response.await?.into_parts();
+            // The reply keeps the call's charges: a streaming handler has returned at once,
+            // and a unary reply may wait long for its caller to read it.
+            let mut reply = MeteredReply::new(body, ledger);
+            std::future::poll_fn(|cx| {
+                reply.prime(cx);
+                Poll::Ready(())
+            })
+            .await;
+            Ok(http::Response::from_parts(parts, Body::new(reply)))
         })
     }
 }

@@ -1,6 +1,7 @@
-//! Limits against hostile callers: how many connections the broker keeps, how long a new one
-//! may take to carry its first call, how many calls one connection runs at once, and how many
-//! bytes of requests all calls together may hold.
+//! Limits against hostile callers: how many connections the broker keeps and which one makes
+//! room for a newcomer, how long a new one may take to carry its first call, how many calls one
+//! connection runs at once, and how many bytes of requests and unsent replies all calls
+//! together may hold.
 //!
 //! # Why a byte budget
 //!
@@ -13,19 +14,38 @@
 //! RESOURCE_EXHAUSTED; and when a message's 5-byte gRPC prefix arrives, the whole length it
 //! announces, before tonic sees a byte of it. A message that finds no room waits up to
 //! [`ROOM_WAIT`] (its stream unread, so it holds no more than its flow-control window), then
-//! its call is refused. The charges are released when the call has ended (the handler returned
-//! and the request body was dropped). Each connection may hold
-//! `--max-buffered-bytes-per-connection` of the `--max-buffered-bytes` of the whole broker, so
-//! one connection cannot starve the rest.
+//! its call is refused. Each connection may hold `--max-buffered-bytes-per-connection` of the
+//! `--max-buffered-bytes` of the whole broker, so one connection cannot starve the rest.
+//!
+//! The charges last until the call has ended: its handler returned, its request body was
+//! dropped, *and its reply body was sent or dropped* ([`reply`]). A server-streaming call
+//! (health `Watch`, reflection) returns from its handler at once and lives on; before its
+//! reply held the charges, 250 connections × 100 Watch streams without a token grew the broker
+//! by 143–230 MiB. The open services' long-lived calls are charged to their own share too,
+//! `--max-open-stream-bytes` (16 MiB, ~1 900 Watch streams), so that callers without a token
+//! cannot hold the budget the other calls need. A reply's encoded bytes are charged while they
+//! wait to be sent (a caller that does not read them holds them): past the limits if need
+//! be, since a reply that exists cannot be refused, and new calls are refused until the
+//! accounts are back under their limits.
 //!
 //! # What callers can make the broker hold
 //!
-//! At most `--max-buffered-bytes` (96 MiB) for calls, plus per connection its flow-control
-//! window (`--connection-window`, 256 KiB) and its own buffers (16 KiB measured, 32 KiB counted
-//! for TLS), for up to `--max-connections` (256): 96 MiB + 256 × 288 KiB ≈ 168 MiB by default
+//! At most `--max-buffered-bytes` (96 MiB) for calls and unsent replies, plus per connection
+//! its flow-control window (`--connection-window`, 64 KiB) and its own buffers (under 16 KiB
+//! measured for an idle plaintext connection, 32 KiB counted for TLS), for up to
+//! `--max-connections` (1024): 96 MiB + 1024 × 96 KiB = 192 MiB by default
 //! ([`ConnectionLimits::stated_bound`]), within a 256 MiB pod with the broker's own ~20 MiB.
-//! Replies are not metered: a Lease or ListItems reply stops before `--max-reply-bytes`, and is
-//! sent as the caller reads it (docs/RELIABILITY.md, "What a hostile caller can do").
+//! Beyond it only the replies of calls that were already in progress when their accounts ran
+//! out (each at most `--max-reply-bytes` for Lease and ListItems, an item otherwise), and what
+//! the transport holds of each stream's reply beyond its window ([`CHUNK_BYTES`]).
+//!
+//! # Idle connections at the limit
+//!
+//! At `--max-connections`, a new connection evicts the connection idle the longest — no call
+//! open, other than the open services' (they need no token) — which sees the end of its
+//! stream and closes; a tonic (or any gRPC) client reconnects on its next call. Only when every
+//! connection has a call open is the newcomer closed at once. So idle peers answering pings
+//! cannot lock real clients out, and a Job's workers, idle between calls, share the slots.
 //!
 //! # Slow and silent peers
 //!
@@ -39,24 +59,28 @@
 //!
 //! # Layout
 //!
-//! - [`connection`]: admission of connections ([`incoming`], [`Peer`], [`Connection`]).
+//! - [`connection`]: admission and eviction of connections ([`incoming`], [`Peer`],
+//!   [`Connection`]).
+//! - [`account`]: byte accounts and the charges taken from them.
 //! - [`budget`]: the byte budget and what one call holds of it ([`Budget`]).
 //! - [`meter`]: the tower layer that charges every call ([`MeterLayer`]).
-//! - [`body`]: the metered request body and its gRPC framing.
+//! - [`body`]: the metered request body and its gRPC framing; [`reply`]: the metered reply.
 
+mod account;
 mod body;
 mod budget;
 mod connection;
 mod meter;
+mod reply;
 
 use std::time::Duration;
 
 use clap::Args;
-use tokio::sync::Semaphore;
 
 pub use budget::Budget;
 pub use connection::{Connection, Peer, incoming};
 pub use meter::{Meter, MeterLayer};
+pub use reply::CHUNK_BYTES;
 
 /// What a call costs the broker besides its headers and messages (h2 stream state, its task
 /// and futures, its span), charged for the whole call. A waiting Lease measured 7.6 KiB with its
@@ -81,18 +105,22 @@ pub const ROOM_WAIT: Duration = Duration::from_secs(1);
 /// value has a `WQ_…` environment fallback; the defaults suit a broker pod with 256 MiB.
 #[derive(Debug, Clone, Args)]
 pub struct ConnectionLimits {
-    /// Most TCP connections at once; more are closed as soon as they are accepted. Each costs
-    /// up to --connection-window plus about 32 KiB besides what --max-buffered-bytes meters.
-    #[arg(long, env = "WQ_MAX_CONNECTIONS", default_value_t = 256)]
+    /// Most TCP connections at once. At the limit a new connection evicts the one idle the
+    /// longest (no call open but health or reflection; its client reconnects on its next
+    /// call); only when every connection has a call open is the new one closed at once. Each
+    /// costs up to --connection-window plus about 32 KiB besides what --max-buffered-bytes
+    /// meters.
+    #[arg(long, env = "WQ_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
 
     /// Most calls (HTTP/2 streams) at once on one connection; clients queue the rest.
     #[arg(long, env = "WQ_MAX_STREAMS_PER_CONNECTION", default_value_t = 100)]
     pub max_streams_per_connection: u32,
 
-    /// Most bytes of calls (headers, a fixed overhead per call, announced request messages)
-    /// the broker holds at once. A new call past it answers RESOURCE_EXHAUSTED; a message
-    /// past it waits for room, its sender held back by flow control.
+    /// Most bytes of calls (headers, a fixed overhead per call, announced request messages,
+    /// replies waiting to be sent) the broker holds at once. A new call past it answers
+    /// RESOURCE_EXHAUSTED; a message past it waits for room, its sender held back by flow
+    /// control; a reply is charged even past it (it exists already), refusing new calls.
     #[arg(long, env = "WQ_MAX_BUFFERED_BYTES", default_value_t = 96 << 20)]
     pub max_buffered_bytes: usize,
 
@@ -100,6 +128,12 @@ pub struct ConnectionLimits {
     /// plus 64 KiB, so that any one valid message fits.
     #[arg(long, env = "WQ_MAX_BUFFERED_BYTES_PER_CONNECTION", default_value_t = 24 << 20)]
     pub max_buffered_bytes_per_connection: usize,
+
+    /// The share of --max-buffered-bytes that the long-lived calls of the open services
+    /// (health Watch, reflection sessions) may hold; about 8.5 KiB per Watch stream. Past it
+    /// they answer RESOURCE_EXHAUSTED; health checks and the other calls are not affected.
+    #[arg(long, env = "WQ_MAX_OPEN_STREAM_BYTES", default_value_t = 16 << 20)]
+    pub max_open_stream_bytes: usize,
 
     /// Largest message of the services open to every caller (health, and reflection): their
     /// requests are tiny, and a token is not needed to send them.
@@ -112,8 +146,8 @@ pub struct ConnectionLimits {
     pub stream_window: u32,
 
     /// HTTP/2 flow-control window of each connection, in bytes: what a connection's unread
-    /// data can cost at most.
-    #[arg(long, env = "WQ_CONNECTION_WINDOW", default_value_t = 256 << 10)]
+    /// data can cost at most (times --max-connections in the memory bound).
+    #[arg(long, env = "WQ_CONNECTION_WINDOW", default_value_t = 64 << 10)]
     pub connection_window: u32,
 
     /// How long a new connection may take to carry its first call (TCP, TLS and HTTP/2
@@ -181,10 +215,11 @@ impl ConnectionLimits {
                 "--max-buffered-bytes must be at least --max-buffered-bytes-per-connection".into(),
             );
         }
-        // A message's charge is taken from a semaphore in one piece, at most u32::MAX permits.
-        let most = (u32::MAX as usize).min(Semaphore::MAX_PERMITS);
-        if self.max_buffered_bytes > most || self.max_connections > Semaphore::MAX_PERMITS {
-            return Err("--max-buffered-bytes or --max-connections is too large".into());
+        if self.max_open_stream_bytes == 0 || self.max_open_stream_bytes > self.max_buffered_bytes {
+            return Err(
+                "--max-open-stream-bytes must be at least 1 and at most --max-buffered-bytes"
+                    .into(),
+            );
         }
         if self.max_open_message_bytes == 0 {
             return Err("--max-open-message-bytes must be at least 1".into());
@@ -227,9 +262,11 @@ impl ConnectionLimits {
     }
 
     /// The most memory, in bytes, that callers can make the broker hold under these limits
-    /// (module documentation), without waiting Leases' own cost and replies.
+    /// (module documentation), without waiting Leases' own cost and the replies of calls in
+    /// progress when the budget ran out.
     pub fn stated_bound(&self) -> u64 {
-        // An idle HTTP/2 connection measured 16 KiB; TLS adds its record buffers.
+        // An idle plaintext HTTP/2 connection measured under 16 KiB (tests, hostile::idle);
+        // TLS adds its record buffers.
         const PER_CONNECTION_BUFFERS: u64 = 32 << 10;
         let per_connection = u64::from(self.connection_window) + PER_CONNECTION_BUFFERS;
         (self.max_buffered_bytes as u64)
@@ -252,6 +289,8 @@ mod tests {
         limits.check(16 << 20).expect("the defaults are consistent");
         let bound = limits.stated_bound();
         // With the broker's own ~20 MiB and the waiting Leases' cost beyond their charge.
-        assert!(bound <= 168 << 20, "{} MiB", bound >> 20);
+        assert!(bound <= 192 << 20, "{} MiB", bound >> 20);
+        // A Job of 1000 worker pods, each with one connection, per broker replica.
+        assert!(limits.max_connections >= 1000);
     }
 }

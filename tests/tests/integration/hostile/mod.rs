@@ -12,11 +12,16 @@
 //! - One grant's, or one connection's, flood of waiting Leases up to its limit leaves room for
 //!   another grant's waiting Lease.
 //!
-//! The tests by topic: [`memory`] (half-sent messages), [`connections`] (the connection limit
-//! and time limits), [`waiting`] (waiting-Lease limits), [`tokens`] (the token file).
+//! The tests by topic: [`memory`] (half-sent messages), [`streams`] (long-lived open streams),
+//! [`replies`] (replies a slow reader leaves unsent), [`connections`] (the connection limit and
+//! time limits), [`idle`] (idle connections at the limit), [`waiting`] (waiting-Lease limits),
+//! [`tokens`] (the token file).
 
 mod connections;
+mod idle;
 mod memory;
+mod replies;
+mod streams;
 mod tokens;
 mod waiting;
 
@@ -349,11 +354,11 @@ const MIB: usize = 1 << 20;
 const KIB: usize = 1 << 10;
 
 /// The stated bound for `connections` attacking connections under the default limits
-/// (server/src/limits.rs, docs/RELIABILITY.md): `--max-buffered-bytes` (96 MiB) plus, per
-/// connection, its flow-control window (256 KiB) and fixed buffers (32 KiB). Without the limits
+/// (server/src/limits/mod.rs, docs/RELIABILITY.md): `--max-buffered-bytes` (96 MiB) plus, per
+/// connection, its flow-control window (64 KiB) and fixed buffers (32 KiB). Without the limits
 /// the attacks below grew the broker by 190 to 400 MiB.
 fn stated_bound_mib(connections: usize) -> usize {
-    96 + connections * (256 + 32) / 1024
+    96 + connections * (64 + 32) / 1024
 }
 
 /// What the allocator may keep beyond what is held (fragmentation, thread caches).
@@ -363,4 +368,124 @@ const SLACK_MIB: usize = 20;
 fn grown_mib(server: &Server, before_kib: u64) -> usize {
     let grown = server.memory_kib("VmHWM").saturating_sub(before_kib) / 1024;
     usize::try_from(grown).unwrap_or(usize::MAX)
+}
+
+/// Reads until the broker closes `tcp` or `limit` passes: how long it took to close, or None.
+async fn closed_within(tcp: &mut TcpStream, limit: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buffer = [0; 4096];
+    loop {
+        match tokio::time::timeout_at((started + limit).into(), tcp.read(&mut buffer)).await {
+            Err(_) => return None,
+            Ok(Ok(0) | Err(_)) => return Some(started.elapsed()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// One HTTP/2 connection's calls, made one after another and kept open (their replies unread)
+/// until it is dropped.
+struct OpenCalls {
+    /// The calls the broker answered with response headers, kept open.
+    kept: Vec<(h2::SendStream<Bytes>, h2::RecvStream)>,
+    /// The calls answered with a status at once (trailers only), by code.
+    refused: Vec<Code>,
+    /// Why the connection stopped before making all its calls.
+    stopped: Option<String>,
+    driver: JoinHandle<()>,
+}
+
+impl Drop for OpenCalls {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
+}
+
+impl OpenCalls {
+    fn refused_with(&self, code: Code) -> usize {
+        self.refused.iter().filter(|c| **c == code).count()
+    }
+}
+
+/// Opens one connection whose receive window per stream is `window` bytes, and on it up to
+/// `calls` calls to `path`, one after another, each sending `message` as its whole request
+/// and waiting for the response headers before the next one starts. Reply bodies are never
+/// read.
+async fn open_calls(
+    address: SocketAddr,
+    path: &str,
+    token: Option<&str>,
+    message: &[u8],
+    calls: usize,
+    window: u32,
+) -> OpenCalls {
+    let tcp = TcpStream::connect(address).await.expect("connecting");
+    let (mut send, connection) = h2::client::Builder::new()
+        .initial_window_size(window)
+        .handshake(tcp)
+        .await
+        .expect("HTTP/2 handshake with the broker");
+    let driver = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&u32::try_from(message.len()).expect("small").to_be_bytes());
+    framed.extend_from_slice(message);
+    let framed = Bytes::from(framed);
+    let mut open = OpenCalls {
+        kept: Vec::new(),
+        refused: Vec::new(),
+        stopped: None,
+        driver,
+    };
+    for _ in 0..calls {
+        send = match tokio::time::timeout(STALL, send.ready()).await {
+            Ok(Ok(send)) => send,
+            Ok(Err(error)) => {
+                open.stopped = Some(format!("no stream: {error}"));
+                break;
+            }
+            Err(_) => {
+                open.stopped = Some("no stream within the stall time".into());
+                break;
+            }
+        };
+        let mut request = http::Request::post(format!("http://{address}{path}"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers");
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        let request = request.body(()).expect("valid request headers");
+        let (response, mut stream) = match send.send_request(request, false) {
+            Ok(sent) => sent,
+            Err(error) => {
+                open.stopped = Some(format!("request: {error}"));
+                break;
+            }
+        };
+        if let Err(error) = stream.send_data(framed.clone(), true) {
+            open.stopped = Some(format!("data: {error}"));
+            break;
+        }
+        let response = match tokio::time::timeout(STALL, response).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(error)) => {
+                open.stopped = Some(format!("response: {error}"));
+                break;
+            }
+            Err(_) => {
+                open.stopped = Some("no response within the stall time".into());
+                break;
+            }
+        };
+        match response.headers().get("grpc-status") {
+            Some(code) => {
+                let code = code.to_str().ok().and_then(|c| c.parse::<i32>().ok());
+                open.refused.push(code.map_or(Code::Unknown, Code::from));
+            }
+            None => open.kept.push((stream, response.into_body())),
+        }
+    }
+    open
 }
