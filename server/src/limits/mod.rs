@@ -31,9 +31,9 @@
 //! # What callers can make the broker hold
 //!
 //! At most `--max-buffered-bytes` (96 MiB) for calls and unsent replies, plus per connection
-//! its flow-control window (`--connection-window`, 64 KiB) and its own buffers (22 KiB
-//! measured for an idle plaintext connection, 32 KiB counted for TLS), for up to
-//! `--max-connections` (1024): 96 MiB + 1024 × 96 KiB = 192 MiB by default
+//! its flow-control window (`--connection-window`, 64 KiB) and its own buffers (an idle
+//! connection measured 22 KiB in plaintext, 30 KiB over TLS; 40 KiB counted), for up to
+//! `--max-connections` (1024): 96 MiB + 1024 × 104 KiB = 200 MiB by default
 //! ([`ConnectionLimits::stated_bound`]), within a 256 MiB pod with the broker's own ~20 MiB.
 //! Beyond it only the replies of calls that were already in progress when their accounts ran
 //! out (each at most `--max-reply-bytes` for Lease and ListItems, an item otherwise), and what
@@ -108,7 +108,7 @@ pub struct ConnectionLimits {
     /// Most TCP connections at once. At the limit a new connection evicts the one idle the
     /// longest (no call open but health or reflection; its client reconnects on its next
     /// call); only when every connection has a call open is the new one closed at once. Each
-    /// costs up to --connection-window plus about 32 KiB besides what --max-buffered-bytes
+    /// costs up to --connection-window plus about 40 KiB besides what --max-buffered-bytes
     /// meters.
     #[arg(long, env = "WQ_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
@@ -265,9 +265,9 @@ impl ConnectionLimits {
     /// (module documentation), without waiting Leases' own cost and the replies of calls in
     /// progress when the budget ran out.
     pub fn stated_bound(&self) -> u64 {
-        // An idle plaintext HTTP/2 connection measured 22 KiB (debug build; hostile::idle);
-        // TLS adds its record buffers.
-        const PER_CONNECTION_BUFFERS: u64 = 32 << 10;
+        // An idle HTTP/2 connection measured 22 KiB in plaintext and 30 KiB over TLS (its
+        // record buffers), debug build (tests, hostile::idle); counted with some room.
+        const PER_CONNECTION_BUFFERS: u64 = 40 << 10;
         let per_connection = u64::from(self.connection_window) + PER_CONNECTION_BUFFERS;
         (self.max_buffered_bytes as u64)
             .saturating_add((self.max_connections as u64).saturating_mul(per_connection))
@@ -289,7 +289,7 @@ mod tests {
         limits.check(16 << 20).expect("the defaults are consistent");
         let bound = limits.stated_bound();
         // With the broker's own ~20 MiB and the waiting Leases' cost beyond their charge.
-        assert!(bound <= 192 << 20, "{} MiB", bound >> 20);
+        assert!(bound <= 200 << 20, "{} MiB", bound >> 20);
         // A Job of 1000 worker pods, each with one connection, per broker replica.
         assert!(limits.max_connections >= 1000);
     }

@@ -355,10 +355,10 @@ const KIB: usize = 1 << 10;
 
 /// The stated bound for `connections` attacking connections under the default limits
 /// (server/src/limits/mod.rs, docs/RELIABILITY.md): `--max-buffered-bytes` (96 MiB) plus, per
-/// connection, its flow-control window (64 KiB) and fixed buffers (32 KiB). Without the limits
+/// connection, its flow-control window (64 KiB) and fixed buffers (40 KiB). Without the limits
 /// the attacks below grew the broker by 190 to 400 MiB.
 fn stated_bound_mib(connections: usize) -> usize {
-    96 + connections * (64 + 32) / 1024
+    96 + connections * (64 + 40) / 1024
 }
 
 /// What the allocator may keep beyond what is held (fragmentation, thread caches).
