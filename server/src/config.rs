@@ -12,20 +12,7 @@ use crate::{auth::ReflectionAccess, connection::RedisMode};
 #[command(
     name = "wq-server",
     version,
-    about = "The wq work-queue broker: gRPC in front of Redis",
-    // These two flags are declared in `limits` (ConnectionLimits); how they apply is decided in
-    // `waiting`, so their help says it here until the declarations move next to that code.
-    mut_arg("max_waiting_leases_per_connection", |arg| arg.help(
-        "Most Lease calls waiting for work at once from one connection (see \
-         --max-waiting-leases). At most three quarters of --max-streams-per-connection \
-         whatever this says, so that a connection's Complete and ExtendLease calls always find \
-         a stream; lower it to keep more streams free"
-    )),
-    mut_arg("max_waiting_leases_per_grant", |arg| arg.help(
-        "Most Lease calls waiting for work at once under one grant of the token file; keep it \
-         below --max-waiting-leases so that one grant cannot take every slot. Without \
-         --auth-tokens there are no grants: callers are limited per connection and per broker"
-    )),
+    about = "The wq work-queue broker: gRPC in front of Redis"
 )]
 pub struct Config {
     /// Address to serve gRPC on.

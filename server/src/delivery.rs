@@ -1,9 +1,10 @@
 //! Items whose Lease reply never reached the caller go back to the queue at once.
 //!
 //! A Lease handler's reply carries an [`Undelivered`] guard in its extensions; a layer on the
-//! HTTP side moves the guard into the response body. The body is fed to the transport in small
-//! chunks, so it is finished only once the caller's flow-control window has taken nearly all
-//! of it: a caller that refuses the reply (too large for its receive limit) or goes away resets
+//! HTTP side moves the guard into the response body. The metering layer outside it feeds the
+//! body to the transport in small chunks (`limits::CHUNK_BYTES`), and asks for the trailers,
+//! which end the guard, only after the last chunk, so the body is finished only once the
+//! caller's flow-control window has taken nearly all of it: a caller that refuses the reply (too large for its receive limit) or goes away resets
 //! the stream first, the transport drops the unfinished body, and the guard releases the items
 //! (the attempt not counted) instead of leaving them to expire and cost an attempt. A reply
 //! small enough to fit the caller's window is handed over whole, so a caller that vanishes
@@ -12,16 +13,13 @@
 use std::{
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
 };
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 
 use crate::{lease_id::LeaseId, store::Store};
-
-/// Largest piece of a guarded reply handed to the transport at once.
-const CHUNK_BYTES: usize = 16 * 1024;
 
 /// Leases to give back if their reply is not delivered.
 #[derive(Debug, Clone)]
@@ -75,8 +73,6 @@ pub fn guard_replies(
 /// A reply body that releases its guard's leases when dropped before its end.
 struct GuardedBody<B> {
     inner: B,
-    /// A data frame being handed over in chunks.
-    pending: Bytes,
     guard: Option<Undelivered>,
 }
 
@@ -84,7 +80,6 @@ impl<B> GuardedBody<B> {
     fn new(inner: B, guard: Undelivered) -> Self {
         Self {
             inner,
-            pending: Bytes::new(),
             guard: Some(guard),
         }
     }
@@ -102,40 +97,22 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = self.get_mut();
-        if !this.pending.is_empty() {
-            let take = this.pending.len().min(CHUNK_BYTES);
-            return Poll::Ready(Some(Ok(Frame::data(this.pending.split_to(take)))));
+        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match &frame {
+            // The trailers follow the whole message: it was handed over.
+            None => this.guard = None,
+            Some(Ok(frame)) if !frame.is_data() => this.guard = None,
+            Some(_) => {}
         }
-        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => frame,
-            Poll::Ready(None) => {
-                this.guard = None;
-                return Poll::Ready(None);
-            }
-            other => return other,
-        };
-        match frame.into_data() {
-            Ok(mut data) => {
-                if data.len() > CHUNK_BYTES {
-                    this.pending = data.split_off(CHUNK_BYTES);
-                }
-                Poll::Ready(Some(Ok(Frame::data(data))))
-            }
-            Err(frame) => {
-                // The trailers follow the whole message: it was handed over.
-                this.guard = None;
-                Poll::Ready(Some(Ok(frame)))
-            }
-        }
+        Poll::Ready(frame)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.pending.is_empty() && self.inner.is_end_stream()
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        // A pending chunk is not counted by the inner body's hint; unknown is always right.
-        SizeHint::default()
+        self.inner.size_hint()
     }
 }
 
