@@ -23,6 +23,10 @@ pub struct Budget {
     global: Arc<Account>,
     /// The share of `global` the open services' long-lived calls may hold.
     open_streams: Arc<Account>,
+    /// As much again for their other calls (health Check): they need no token either, so a
+    /// flood of half-sent ones must not take the budget from callers with one, nor the
+    /// Watch share from probes' Checks.
+    open_calls: Arc<Account>,
     released: Arc<Notify>,
     global_bytes: usize,
     per_connection_bytes: usize,
@@ -38,6 +42,7 @@ impl Budget {
         Self {
             global: Account::new(limits.max_buffered_bytes),
             open_streams: Account::new(limits.max_open_stream_bytes),
+            open_calls: Account::new(limits.max_open_stream_bytes),
             released: Arc::new(Notify::new()),
             global_bytes: limits.max_buffered_bytes,
             per_connection_bytes: limits.max_buffered_bytes_per_connection,
@@ -54,9 +59,10 @@ impl Budget {
     }
 
     /// Takes a new call's charges at once, or explains why not: `base` for the whole call,
-    /// and [`RECEIVE_OVERHEAD_BYTES`] while its request is being received. A long-lived call
-    /// of the open services (`open_stream`) is charged to their share too; any other call
-    /// keeps its connection busy (not evictable) while it lasts.
+    /// and [`RECEIVE_OVERHEAD_BYTES`] while its request is being received. A call of the open
+    /// services is charged to their share too (long-lived ones, `open_stream`, to one share,
+    /// the others to a second of the same size); any other call keeps its connection busy (not
+    /// evictable) while it lasts.
     pub(super) fn admit(
         &self,
         peer: Option<&Peer>,
@@ -67,7 +73,13 @@ impl Budget {
         let accounts = Arc::new(Accounts {
             global: Arc::clone(&self.global),
             connection: peer.map(|p| Arc::clone(&p.state.budget)),
-            open_streams: open_stream.then(|| Arc::clone(&self.open_streams)),
+            open_streams: if open_stream {
+                Some(Arc::clone(&self.open_streams))
+            } else if open_service {
+                Some(Arc::clone(&self.open_calls))
+            } else {
+                None
+            },
             released: Arc::clone(&self.released),
         });
         let take = |bytes| accounts.take(bytes).map_err(|short| self.refusal(short));
@@ -98,8 +110,9 @@ impl Budget {
                 self.global_bytes
             )),
             Short::OpenStreams => Status::resource_exhausted(format!(
-                "the open services' long-lived calls (health Watch, reflection) hold too many \
-                 bytes (--max-open-stream-bytes {}); retry later",
+                "the open services' calls (health, reflection) hold too many bytes \
+                 (--max-open-stream-bytes {} for their long-lived calls, as much again for the \
+                 others); retry later",
                 self.open_stream_bytes
             )),
         }
@@ -165,5 +178,58 @@ impl Ledger {
             (Some(messages), false) => messages.merge(charge),
             (slot, _) => *slot = Some(charge),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn small_budget() -> Budget {
+        #[derive(clap::Parser)]
+        struct Flags {
+            #[command(flatten)]
+            limits: ConnectionLimits,
+        }
+        let limits = <Flags as clap::Parser>::parse_from([
+            "wq-server",
+            "--max-buffered-bytes",
+            "4194304",
+            "--max-open-stream-bytes",
+            "1048576",
+        ])
+        .limits;
+        Budget::new(&limits, 1 << 20)
+    }
+
+    #[test]
+    fn calls_without_a_token_cannot_take_the_budget_from_calls_with_one() {
+        let budget = small_budget();
+        let mut held = Vec::new();
+        // Health Checks (open, not long-lived) until their share refuses one.
+        let refused = loop {
+            match budget.admit(None, 64 << 10, false, true) {
+                Ok(call) => held.push(call),
+                Err(status) => break status,
+            }
+            assert!(held.len() < 1000, "the open calls' share never ran out");
+        };
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            refused.message().contains("--max-open-stream-bytes"),
+            "{refused:?}"
+        );
+        assert!(
+            budget.held_bytes() <= 1 << 20,
+            "{} bytes",
+            budget.held_bytes()
+        );
+        // Watch streams have a share of their own, and calls with a token the rest.
+        budget
+            .admit(None, 64 << 10, true, true)
+            .expect("a Watch still fits its own share");
+        budget
+            .admit(None, 1 << 20, false, false)
+            .expect("a worker's call still fits the budget");
     }
 }

@@ -130,8 +130,9 @@ pub struct ConnectionLimits {
     pub max_buffered_bytes_per_connection: usize,
 
     /// The share of --max-buffered-bytes that the long-lived calls of the open services
-    /// (health Watch, reflection sessions) may hold; about 8.5 KiB per Watch stream. Past it
-    /// they answer RESOURCE_EXHAUSTED; health checks and the other calls are not affected.
+    /// (health Watch, reflection sessions) may hold, about 8.5 KiB per Watch stream; their
+    /// other calls (health Check) get as much again. Past it they answer RESOURCE_EXHAUSTED, so
+    /// callers without a token never take the budget from callers with one.
     #[arg(long, env = "WQ_MAX_OPEN_STREAM_BYTES", default_value_t = 16 << 20)]
     pub max_open_stream_bytes: usize,
 
