@@ -73,11 +73,18 @@ impl RedisTarget {
         urls: &str,
         sentinel_master: Option<&str>,
     ) -> Result<Self, String> {
-        let urls: Vec<&str> = urls
-            .split(',')
-            .map(str::trim)
-            .filter(|url| !url.is_empty())
-            .collect();
+        // One server's URL is taken whole: a comma may be part of its password.
+        let urls: Vec<&str> = if mode == RedisMode::Standalone {
+            vec![urls.trim()]
+        } else {
+            urls.split(',')
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                .collect()
+        };
+        if urls == [""] {
+            return Err("--redis-url is empty".into());
+        }
         if urls.is_empty() {
             return Err("--redis-url is empty".into());
         }
@@ -93,13 +100,8 @@ impl RedisTarget {
         }
         match mode {
             RedisMode::Standalone => {
-                let [info] = <[ConnectionInfo; 1]>::try_from(infos).map_err(|infos| {
-                    format!(
-                        "--redis-mode standalone takes one --redis-url, not {}; use \
-                         --redis-mode cluster for the nodes of a Redis Cluster",
-                        infos.len()
-                    )
-                })?;
+                let [info] = <[ConnectionInfo; 1]>::try_from(infos)
+                    .map_err(|_| "--redis-mode standalone takes one --redis-url".to_owned())?;
                 let client = redis::Client::open(info).map_err(|error| error.to_string())?;
                 Ok(Self::Standalone(client))
             }
@@ -338,12 +340,9 @@ mod tests {
     fn each_mode_takes_its_urls() {
         let one = RedisTarget::parse(RedisMode::Standalone, "redis://127.0.0.1:1", None);
         assert!(matches!(one, Ok(RedisTarget::Standalone(_))));
-        let two = RedisTarget::parse(
-            RedisMode::Standalone,
-            "redis://127.0.0.1:1,redis://127.0.0.1:2",
-            None,
-        );
-        assert!(two.is_err_and(|e| e.contains("cluster")));
+        let comma_in_password =
+            RedisTarget::parse(RedisMode::Standalone, "redis://u:pa,ss@127.0.0.1:1", None);
+        assert!(matches!(comma_in_password, Ok(RedisTarget::Standalone(_))));
         let cluster = RedisTarget::parse(
             RedisMode::Cluster,
             " redis://127.0.0.1:1, redis://127.0.0.1:2 ",

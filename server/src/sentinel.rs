@@ -218,7 +218,15 @@ impl SentinelMaster {
                                 self.forget();
                             }
                         }
-                        None => break,
+                        None => {
+                            // A sentinel that drops each subscription must not make this
+                            // loop, and the master's connection, churn.
+                            tokio::select! {
+                                () = stop.cancelled() => return,
+                                () = tokio::time::sleep(backoff) => {}
+                            }
+                            break;
+                        }
                     },
                 }
             }
