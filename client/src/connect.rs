@@ -341,12 +341,7 @@ impl TlsProbe {
     /// The probe for `uri` with `files`; None when its settings cannot be built (tonic's
     /// connection then fails on its own, naming why).
     fn new(uri: &tonic::codegen::http::Uri, files: &TlsFiles) -> Option<Self> {
-        let host = uri
-            .host()?
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
-        let port = uri.port_u16().unwrap_or(443);
+        let (host, port) = host_port(uri, 443)?;
         let roots = match &files.ca {
             Some((_, roots)) => roots.clone(),
             None => {
@@ -424,14 +419,9 @@ pub(crate) async fn speaks_tls(url: &str) -> bool {
     let Ok(uri) = url.parse::<tonic::codegen::http::Uri>() else {
         return false;
     };
-    let Some(host) = uri.host() else {
+    let Some((host, port)) = host_port(&uri, 80) else {
         return false;
     };
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let port = uri.port_u16().unwrap_or(80);
     let probe = async move {
         let mut stream = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
@@ -476,4 +466,11 @@ impl Interceptor for Credentials {
         }
         Ok(request)
     }
+}
+
+/// `uri`'s host (an IPv6 address without its brackets) and port, `default_port` if it names
+/// none.
+fn host_port(uri: &tonic::codegen::http::Uri, default_port: u16) -> Option<(String, u16)> {
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    Some((host.to_owned(), uri.port_u16().unwrap_or(default_port)))
 }

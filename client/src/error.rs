@@ -63,6 +63,35 @@ impl Error {
             _ => None,
         }
     }
+
+    /// Whether the broker refused a batch call for its size, so that smaller batches would
+    /// pass: a batch limit (INVALID_ARGUMENT "at most … entries"; one about a single item, say
+    /// its result, is no batch limit) or the message limit (RESOURCE_EXHAUSTED "message length
+    /// too large"; the code alone also means a busy broker). Like [`broker_busy`], this reads
+    /// the broker's wording.
+    pub fn is_batch_too_large(&self) -> bool {
+        let Self::Status(status) = self else {
+            return false;
+        };
+        let message = status.message();
+        (status.code() == Code::InvalidArgument
+            && message.contains("at most")
+            && message.contains("entries"))
+            || (status.code() == Code::ResourceExhausted
+                && message.contains("message length too large"))
+    }
+
+    /// Whether the caller's own settings cannot work (a bad URL or option, unreadable
+    /// credentials, a TLS handshake refused on certificates): retrying would not help.
+    pub fn is_settings_error(&self) -> bool {
+        matches!(
+            self,
+            Self::InvalidUrl { .. }
+                | Self::Credentials(_)
+                | Self::InvalidOption(_)
+                | Self::Tls { .. }
+        )
+    }
 }
 
 /// Result of client calls.

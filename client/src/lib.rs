@@ -87,12 +87,8 @@ pub fn duration(d: Duration) -> prost_types::Duration {
 
 /// A std duration from a protobuf one; absent or negative is zero.
 fn std_duration(d: Option<&prost_types::Duration>) -> Duration {
-    d.map_or(Duration::ZERO, |d| {
-        Duration::new(
-            u64::try_from(d.seconds).unwrap_or(0),
-            u32::try_from(d.nanos).unwrap_or(0),
-        )
-    })
+    d.and_then(|d| Duration::try_from(*d).ok())
+        .unwrap_or_default()
 }
 
 impl Client {

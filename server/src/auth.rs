@@ -16,11 +16,14 @@
 //! patterns are shell globs (`*`, `?`, `[…]`); without any the grant covers every queue.
 //!
 //! Names are 1–64 characters of `[A-Za-z0-9._-]`, and a line whose token and name were swapped
-//! is always refused, so that a token never becomes a name that logs and error messages show.
-//! A name shorter than [`MIN_TOKEN_BYTES`] cannot be a token (swapped, the token field would
-//! be too short). A longer one must [read as words](reads_like_name), and its token must not:
-//! swapped, such a line would have a name that does not read as words. The test is on the
-//! pair, so no guess about what tokens look like can let one through.
+//! is refused, so that a token does not become a name that logs and error messages show. A
+//! name shorter than [`MIN_TOKEN_BYTES`] cannot be a token (swapped, the token field would be
+//! too short). A longer one must [read as words](reads_like_name), and its token must not:
+//! swapped, such a line has a token that reads as words or a name that does not. One swap
+//! cannot be told from a valid line: a token that itself reads as words (a passphrase such as
+//! `correct-horse-battery-staple`) written before a long name that does not
+//! (`Worker2Prod-cluster`) loads with the passphrase as its name. Random tokens (`openssl rand
+//! -hex 32`, UUIDs, base64) never read as words, so with them every swap is refused.
 //!
 //! [`Gate`] runs in front of every service as a tower layer: it answers UNAUTHENTICATED
 //! without a valid `authorization: Bearer …` header and PERMISSION_DENIED for a method outside
@@ -700,6 +703,19 @@ mod tests {
             assert!(error.starts_with("line 1: field "), "{error}");
             assert_quotes_no_field(&line, &error);
         }
+    }
+
+    /// The documented limit of the swap rules: a passphrase token before a long name that does
+    /// not read as words is indistinguishable from a valid line. A random token in the same
+    /// place is refused.
+    #[test]
+    fn only_a_passphrase_token_swapped_with_an_unwordlike_name_loads() {
+        let passphrase = "Worker2Prod-cluster correct-horse-battery-staple worker";
+        let table = TokenTable::parse(passphrase).expect("indistinguishable from a valid line");
+        assert_eq!(table.len(), 1);
+        let random = "Worker2Prod-cluster 3f1c0b5e9a7d4c2e8b6a0f1d3c5e7a9b worker";
+        let error = TokenTable::parse(random).expect_err(random);
+        assert_quotes_no_field(random, &error);
     }
 
     #[test]

@@ -9,12 +9,11 @@
 
 use std::future::Future;
 
-use tonic::Code;
 use wq_client::pb;
 
-/// Most bytes of items (lease ids, results) one batch call carries: well within the broker's
-/// default 16 MiB message limit and gRPC's usual 4 MiB.
-pub(crate) const MAX_CALL_BYTES: usize = 4 << 20;
+/// Most bytes of items (lease ids, results) one batch call carries: the client's batch bound
+/// (gRPC's usual 4 MiB message limit, well within the broker's 16 MiB).
+pub(crate) use wq_client::batch::MAX_BATCH_BYTES as MAX_CALL_BYTES;
 
 /// Sends `items` through `call`, at most `*size` items and [`MAX_CALL_BYTES`] (as `bytes_of`
 /// weighs them; the first item of a call always goes) per call, halving `*size` whenever a call
@@ -49,7 +48,7 @@ where
                 results.extend(answers);
                 rest = after;
             }
-            Err(error) if refused_for_size(&error) && chunk.len() > 1 => {
+            Err(error) if error.is_batch_too_large() && chunk.len() > 1 => {
                 *size = chunk.len() / 2;
                 tracing::debug!(%error, size = *size, "batch refused by the broker; halving it");
             }
@@ -59,24 +58,10 @@ where
     (results, None)
 }
 
-/// A batch limit (INVALID_ARGUMENT) or the message limit (RESOURCE_EXHAUSTED saying so; the
-/// code alone also means a busy broker, where halving would not help).
-fn refused_for_size(error: &wq_client::Error) -> bool {
-    match error {
-        // INVALID_ARGUMENT about one item (say its result is too large) is no batch limit:
-        // halving would only shrink every later batch towards one.
-        wq_client::Error::Status(status) => {
-            (status.code() == Code::InvalidArgument && status.message().contains("at most"))
-                && status.message().contains("entries")
-                || (status.code() == Code::ResourceExhausted
-                    && status.message().contains("message length too large"))
-        }
-        _ => false,
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use tonic::Code;
+
     use super::*;
 
     fn ok() -> pb::LeaseResult {

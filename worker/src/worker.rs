@@ -41,12 +41,12 @@ pub struct RunSummary {
     pub refused: bool,
 }
 
-/// Lease failures that no retry can fix: TLS that fails for good (an untrusted broker
-/// certificate, a missing or refused client certificate, a URL scheme the port does not speak)
-/// and the status codes of a caller the broker refuses.
+/// Lease failures that no retry can fix: settings that cannot work (TLS that fails for good:
+/// an untrusted broker certificate, a missing or refused client certificate, a URL scheme the
+/// port does not speak) and the status codes of a caller the broker refuses.
 fn refused_for_good(error: &wq_client::Error) -> bool {
     use tonic::Code;
-    matches!(error, wq_client::Error::Tls { .. })
+    error.is_settings_error()
         || matches!(
             error.code(),
             Some(

@@ -175,12 +175,7 @@ async fn connect(options: &ConnectOptions) -> Option<Client> {
     for _ in 0..20 {
         match Client::connect_with(options).await {
             Ok(client) => return Some(client),
-            Err(
-                error @ (wq_client::Error::InvalidUrl { .. }
-                | wq_client::Error::Credentials(_)
-                | wq_client::Error::InvalidOption(_)
-                | wq_client::Error::Tls { .. }),
-            ) => {
+            Err(error) if error.is_settings_error() => {
                 eprintln!("error: {error}");
                 return None;
             }

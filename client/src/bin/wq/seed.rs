@@ -7,7 +7,7 @@
 
 use std::{
     fmt,
-    io::{BufRead, IsTerminal as _},
+    io::{BufRead, IsTerminal as _, Read as _},
     path::PathBuf,
     time::Duration,
 };
@@ -333,37 +333,19 @@ impl Lines {
     }
 }
 
-/// Reads one line (its `\n` included) into `raw`, but no more than `most` bytes of it: `None`
-/// at the end of the input, `Some(false)` when the line goes on past `most` (the rest is left
-/// unread), `Some(true)` otherwise.
+/// Reads one line (its `\n` included) into the empty `raw`, but no more than `most` bytes of
+/// it: `None` at the end of the input, `Some(false)` when the line goes on past `most` (the
+/// rest is left unread), `Some(true)` otherwise.
 fn read_line(
     reader: &mut impl BufRead,
     raw: &mut Vec<u8>,
     most: usize,
 ) -> std::io::Result<Option<bool>> {
-    loop {
-        let buffer = match reader.fill_buf() {
-            Ok(buffer) => buffer,
-            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(error),
-        };
-        if buffer.is_empty() {
-            return Ok((!raw.is_empty()).then_some(true));
-        }
-        let room = most - raw.len();
-        let (taken, ended) = match buffer.iter().position(|&b| b == b'\n') {
-            Some(end) if end < room => (end + 1, true),
-            _ => (buffer.len().min(room), false),
-        };
-        raw.extend_from_slice(&buffer[..taken]);
-        reader.consume(taken);
-        if ended {
-            return Ok(Some(true));
-        }
-        if raw.len() >= most {
-            return Ok(Some(false));
-        }
+    let limit = u64::try_from(most).unwrap_or(u64::MAX);
+    if reader.take(limit).read_until(b'\n', raw)? == 0 {
+        return Ok(None);
     }
+    Ok(Some(raw.ends_with(b"\n") || raw.len() < most))
 }
 
 /// The error for line `number`, longer than `max_bytes`.
