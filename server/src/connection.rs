@@ -75,16 +75,15 @@ impl RedisTarget {
     ) -> Result<Self, String> {
         // One server's URL is taken whole: a comma may be part of its password.
         let urls: Vec<&str> = if mode == RedisMode::Standalone {
-            vec![urls.trim()]
+            vec![urls]
         } else {
-            urls.split(',')
-                .map(str::trim)
-                .filter(|url| !url.is_empty())
-                .collect()
+            urls.split(',').collect()
         };
-        if urls == [""] {
-            return Err("--redis-url is empty".into());
-        }
+        let urls: Vec<&str> = urls
+            .into_iter()
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .collect();
         if urls.is_empty() {
             return Err("--redis-url is empty".into());
         }
@@ -183,15 +182,20 @@ const CLUSTER_RETRIES: u32 = 12;
 const CLUSTER_RETRY_WAIT_MS: (u64, u64) = (20, 500);
 
 impl RedisConnection {
-    /// Creates the connection without connecting; each call is answered within `timeout`.
+    /// Creates the connection without connecting (each call is answered within `timeout`),
+    /// and says where the notification listener subscribes.
     ///
     /// # Errors
     /// When the target's settings are rejected by redis-rs (e.g. conflicting TLS settings).
-    pub fn new(target: &RedisTarget, timeout: Duration) -> redis::RedisResult<Self> {
-        match target {
-            RedisTarget::Standalone(client) => Ok(Self::Standalone(
-                ConnectionManager::new_lazy_with_config(client.clone(), manager_config(timeout))?,
-            )),
+    pub fn new(target: &RedisTarget, timeout: Duration) -> redis::RedisResult<(Self, Subscribers)> {
+        Ok(match target {
+            RedisTarget::Standalone(client) => (
+                Self::Standalone(ConnectionManager::new_lazy_with_config(
+                    client.clone(),
+                    manager_config(timeout),
+                )?),
+                Subscribers::Server(Box::new(client.clone())),
+            ),
             RedisTarget::Cluster(nodes) => {
                 let client = ClusterClientBuilder::new(nodes.clone())
                     .retries(CLUSTER_RETRIES)
@@ -203,18 +207,25 @@ impl RedisConnection {
                 let config = ClusterConfig::new()
                     .set_connection_timeout(timeout)
                     .set_response_timeout(timeout);
-                Ok(Self::Cluster(
-                    client.get_pending_async_connection_with_config(config),
-                ))
+                (
+                    Self::Cluster(client.get_pending_async_connection_with_config(config)),
+                    Subscribers::Nodes(nodes.clone()),
+                )
             }
-            RedisTarget::Sentinel { sentinels, master } => Ok(Self::Sentinel(Arc::new(
-                SentinelMaster::new(sentinels.clone(), master.clone(), timeout),
-            ))),
-        }
+            RedisTarget::Sentinel { sentinels, master } => {
+                let master = Arc::new(SentinelMaster::new(
+                    sentinels.clone(),
+                    master.clone(),
+                    timeout,
+                ));
+                (
+                    Self::Sentinel(Arc::clone(&master)),
+                    Subscribers::Sentinel(master),
+                )
+            }
+        })
     }
-}
 
-impl RedisConnection {
     /// Checks that Redis answers: on a cluster, that some master does. A shard without a
     /// master fails only its own queues' calls, so it must not take every broker out of
     /// service (redis-rs would send a plain PING to every node and need all of them).
@@ -265,18 +276,6 @@ pub enum Subscribers {
 }
 
 impl Subscribers {
-    /// The subscribers of `target`, reached through `conn` in sentinel mode.
-    pub fn of(target: &RedisTarget, conn: &RedisConnection) -> Self {
-        match (target, conn) {
-            (_, RedisConnection::Sentinel(master)) => Self::Sentinel(Arc::clone(master)),
-            (RedisTarget::Cluster(nodes), _) => Self::Nodes(nodes.clone()),
-            (RedisTarget::Standalone(client), _) => Self::Server(Box::new(client.clone())),
-            (RedisTarget::Sentinel { sentinels, master }, _) => Self::Sentinel(Arc::new(
-                SentinelMaster::new(sentinels.clone(), master.clone(), Duration::from_secs(2)),
-            )),
-        }
-    }
-
     /// The client for the `attempt`-th subscription since start-up.
     ///
     /// # Errors

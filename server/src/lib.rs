@@ -15,7 +15,8 @@
 //!   [`connection`], [`sentinel`]: the one connection they share, in each `--redis-mode`;
 //!   [`index`]: the queue index that tells the reaper which queues need it when.
 //! - [`lease_id`]: the opaque lease handle; [`model`]: the data the store takes and returns.
-//! - [`notify`], [`reaper`], [`health`]: the background tasks.
+//! - [`notify`], [`reaper`], [`health`]: the background tasks; `subscription` keeps their
+//!   pub/sub subscriptions up.
 //! - [`error`]: the error enum and its gRPC mapping.
 //! - [`auth`]: bearer tokens, roles and queue patterns; [`tls`]: the listener's TLS settings.
 //! - [`limits`]: connections, streams, buffered bytes and timeouts against hostile callers;
@@ -47,6 +48,7 @@ pub mod sentinel;
 pub mod service;
 pub mod shutdown;
 pub mod store;
+mod subscription;
 pub mod tls;
 pub mod validate;
 pub mod waiting;
@@ -65,7 +67,7 @@ use wq_proto::v1::{
 use crate::{
     admin::Admin,
     config::BrokerConfig,
-    connection::{RedisConnection, RedisTarget, Subscribers},
+    connection::{RedisConnection, RedisTarget},
     notify::Notifier,
     service::Broker,
     store::Store,
@@ -124,8 +126,7 @@ pub async fn serve(
     };
     let redis: RedisTarget = redis.into();
     let config = Arc::new(config);
-    let conn = RedisConnection::new(&redis, config.redis_timeout)?;
-    let subscribers = Subscribers::of(&redis, &conn);
+    let (conn, subscribers) = RedisConnection::new(&redis, config.redis_timeout)?;
     let sentinel = match &conn {
         RedisConnection::Sentinel(master) => Some(Arc::clone(master)),
         _ => None,

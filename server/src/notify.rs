@@ -8,11 +8,10 @@ use std::{
     time::Duration,
 };
 
-use futures_util::StreamExt;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::Subscribers;
+use crate::{connection::Subscribers, subscription::Subscription};
 
 /// Most waiters one message wakes (a batch of thousands of items need not wake more).
 const MAX_WAKE_PER_MESSAGE: u64 = 1024;
@@ -117,54 +116,24 @@ pub async fn listen(
     connect_timeout: Duration,
     stop: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(100);
-    for attempt in 0.. {
-        if stop.is_cancelled() {
-            return;
-        }
-        let connect = async {
-            let client = subscribers.client(attempt).await?;
-            let mut pubsub = client.get_async_pubsub().await?;
-            pubsub.subscribe(&channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        };
-        let pubsub = match tokio::time::timeout(connect_timeout, connect).await {
-            Ok(Ok(pubsub)) => pubsub,
-            failure => {
-                let detail = match failure {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "timed out".to_owned(),
-                };
-                tracing::debug!(%detail, "notification subscriber cannot connect; retrying");
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    () = tokio::time::sleep(backoff) => {}
+    let subscription = Subscription {
+        what: "ready notifications",
+        channel: &channel,
+        timeout: connect_timeout,
+        max_backoff: Duration::from_secs(2),
+    };
+    subscription
+        .keep(
+            |attempt| subscribers.client(attempt),
+            || notifier.wake_all(),
+            |payload| {
+                if let Some((count, queue)) = parse_message(payload) {
+                    notifier.wake(queue, count);
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(2));
-                continue;
-            }
-        };
-        backoff = Duration::from_millis(100);
-        tracing::debug!(%channel, "subscribed to ready notifications");
-        notifier.wake_all();
-        let mut messages = pubsub.into_on_message();
-        loop {
-            tokio::select! {
-                () = stop.cancelled() => return,
-                message = messages.next() => match message {
-                    Some(message) => {
-                        if let Some((count, queue)) = parse_message(message.get_payload_bytes()) {
-                            notifier.wake(queue, count);
-                        }
-                    }
-                    None => {
-                        tracing::warn!("notification subscription lost; reconnecting");
-                        break;
-                    }
-                },
-            }
-        }
-    }
+            },
+            &stop,
+        )
+        .await;
 }
 
 #[cfg(test)]

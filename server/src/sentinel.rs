@@ -19,7 +19,6 @@ use std::{
     time::Duration,
 };
 
-use futures_util::StreamExt as _;
 use redis::{
     Cmd, ConnectionAddr, ConnectionInfo, Pipeline, RedisResult, TlsMode, Value,
     aio::{ConnectionLike as _, ConnectionManager},
@@ -27,7 +26,7 @@ use redis::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::connection::manager_config;
+use crate::{connection::manager_config, subscription::Subscription};
 
 /// The channel sentinels announce a promoted master on.
 const SWITCH_MASTER: &str = "+switch-master";
@@ -183,53 +182,27 @@ impl SentinelMaster {
     }
 
     async fn watch_one(&self, sentinel: ConnectionInfo, stop: CancellationToken) {
-        let mut backoff = Duration::from_millis(100);
-        while !stop.is_cancelled() {
-            let subscribe = async {
-                let client = redis::Client::open(sentinel.clone())?;
-                let mut pubsub = client.get_async_pubsub().await?;
-                pubsub.subscribe(SWITCH_MASTER).await?;
-                Ok::<_, redis::RedisError>(pubsub)
-            };
-            let pubsub = match tokio::time::timeout(self.timeout, subscribe).await {
-                Ok(Ok(pubsub)) => pubsub,
-                _ => {
-                    tokio::select! {
-                        () = stop.cancelled() => return,
-                        () = tokio::time::sleep(backoff) => {}
+        let subscription = Subscription {
+            what: "the sentinel's master switches",
+            channel: SWITCH_MASTER,
+            timeout: self.timeout,
+            max_backoff: Duration::from_secs(5),
+        };
+        subscription
+            .keep(
+                |_| std::future::ready(redis::Client::open(sentinel.clone())),
+                // A switch announced while this sentinel was out of reach was missed.
+                || self.forget(),
+                |payload| {
+                    let payload = String::from_utf8_lossy(payload);
+                    // "<master-name> <old-ip> <old-port> <new-ip> <new-port>"
+                    if payload.split(' ').next() == Some(self.master.as_str()) {
+                        tracing::info!(switch = %payload, "the sentinels switched the master");
+                        self.forget();
                     }
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
-                    continue;
-                }
-            };
-            backoff = Duration::from_millis(100);
-            // A switch announced while this sentinel was out of reach was missed.
-            self.forget();
-            let mut messages = pubsub.into_on_message();
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    message = messages.next() => match message {
-                        Some(message) => {
-                            let payload = String::from_utf8_lossy(message.get_payload_bytes());
-                            // "<master-name> <old-ip> <old-port> <new-ip> <new-port>"
-                            if payload.split(' ').next() == Some(self.master.as_str()) {
-                                tracing::info!(switch = %payload, "the sentinels switched the master");
-                                self.forget();
-                            }
-                        }
-                        None => {
-                            // A sentinel that drops each subscription must not make this
-                            // loop, and the master's connection, churn.
-                            tokio::select! {
-                                () = stop.cancelled() => return,
-                                () = tokio::time::sleep(backoff) => {}
-                            }
-                            break;
-                        }
-                    },
-                }
-            }
-        }
+                },
+                &stop,
+            )
+            .await;
     }
 }

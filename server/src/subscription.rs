@@ -1,0 +1,83 @@
+//! A pub/sub subscription kept up until the broker stops: the notification listener's (see
+//! [`crate::notify`]) and the sentinel watchers' (see [`crate::sentinel`]). Subscribing is
+//! retried with backoff; a lost subscription is renewed after a pause, so a server that drops
+//! every subscription at once cannot make the loop spin.
+
+use std::{future::Future, time::Duration};
+
+use futures_util::StreamExt as _;
+use tokio_util::sync::CancellationToken;
+
+/// The first wait after a failed attempt or a lost subscription; it doubles while attempts
+/// fail.
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// What one kept-up subscription listens to, and what it does.
+pub(crate) struct Subscription<'a> {
+    /// For logs.
+    pub what: &'a str,
+    /// The channel.
+    pub channel: &'a str,
+    /// How long one attempt (connect and subscribe) may take.
+    pub timeout: Duration,
+    /// The longest wait between attempts.
+    pub max_backoff: Duration,
+}
+
+impl Subscription<'_> {
+    /// Keeps the channel subscribed until `stop`: `server(attempt)` names the server of each
+    /// attempt (counted from 0), `subscribed` runs after every (re)subscription (messages sent
+    /// meanwhile are lost) and `message` for each message's payload.
+    pub(crate) async fn keep<S, F>(
+        &self,
+        mut server: S,
+        mut subscribed: impl FnMut(),
+        mut message: impl FnMut(&[u8]),
+        stop: &CancellationToken,
+    ) where
+        S: FnMut(usize) -> F,
+        F: Future<Output = redis::RedisResult<redis::Client>>,
+    {
+        let mut backoff = FIRST_BACKOFF;
+        for attempt in 0.. {
+            if stop.is_cancelled() {
+                return;
+            }
+            let connect = async {
+                let mut pubsub = server(attempt).await?.get_async_pubsub().await?;
+                pubsub.subscribe(self.channel).await?;
+                Ok::<_, redis::RedisError>(pubsub)
+            };
+            match tokio::time::timeout(self.timeout, connect).await {
+                Ok(Ok(pubsub)) => {
+                    backoff = FIRST_BACKOFF;
+                    tracing::debug!(channel = %self.channel, "subscribed to {}", self.what);
+                    subscribed();
+                    let mut messages = pubsub.into_on_message();
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            next = messages.next() => match next {
+                                Some(next) => message(next.get_payload_bytes()),
+                                None => break,
+                            },
+                        }
+                    }
+                    tracing::warn!("{} subscription lost; subscribing again", self.what);
+                }
+                failure => {
+                    let detail = match failure {
+                        Ok(Err(error)) => error.to_string(),
+                        _ => "timed out".to_owned(),
+                    };
+                    tracing::debug!(%detail, "cannot subscribe to {}; retrying", self.what);
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(self.max_backoff);
+        }
+    }
+}
