@@ -7,6 +7,8 @@ use std::{process::Stdio, time::Duration};
 
 use wq_server::{connection::RedisTarget, dev::RedisProcess};
 
+use crate::free_port;
+
 /// How long the cluster's nodes wait before they call a silent node failed (ms): short, so
 /// failover tests take seconds; the replica is promoted about two such periods after the kill.
 pub const NODE_TIMEOUT_MS: u64 = 2000;
@@ -221,11 +223,4 @@ async fn node_query<T: redis::FromRedisValue>(node: &RedisProcess, cmd: &redis::
         .await
         .ok()
         .flatten()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free loopback port")
 }

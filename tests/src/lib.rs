@@ -33,6 +33,15 @@ pub fn standalone(url: &str) -> RedisTarget {
     RedisTarget::Standalone(redis::Client::open(url).expect("valid redis url"))
 }
 
+/// A loopback port that was free a moment ago (bound, then released), for a process that binds
+/// it itself or for an address nobody listens on.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
 /// Broker settings for tests: short minimum lease, fast reaper and backoff, short Redis timeout.
 pub fn test_config() -> BrokerConfig {
     BrokerConfig {

@@ -178,10 +178,7 @@ async fn errors_are_one_line_with_a_non_zero_exit() {
     );
     assert_eq!(message.trim_end().lines().count(), 1, "{message}");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = free_port();
     let unreachable = wq(&format!("http://127.0.0.1:{port}"), &["state", "q"]).await;
     assert_eq!(unreachable.status.code(), Some(1));
     let message = stderr(&unreachable);

@@ -13,8 +13,8 @@ use tokio::{io::AsyncWriteExt as _, process::Command};
 use tonic::transport::ClientTlsConfig;
 use wq_client::{Client as WqClient, ConnectOptions};
 use wq_tests::{
-    Broker, BrokerConfig, binary, health::ServingStatus, pb, pki::Pki, redis, test_config,
-    tonic_health_client,
+    Broker, BrokerConfig, binary, free_port, health::ServingStatus, pb, pki::Pki, redis,
+    test_config, tonic_health_client,
 };
 
 /// Generous bound for a process that must end "at once": far below the 20 s to minutes the old
@@ -316,10 +316,7 @@ async fn wq_reports_tls_mistakes_in_one_line_without_retrying() {
     assert!(message.contains("http://"), "{message}");
 
     // A broker that is not there at all: one line, no repeated "transport error".
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
+    let port = free_port();
     let gone = wq(&format!("http://127.0.0.1:{port}"), &["state", "q"]).await;
     let message = one_line_failure(&gone, 1);
     assert!(message.contains("cannot reach the broker"), "{message}");
@@ -337,10 +334,7 @@ struct ServerProcess {
 impl ServerProcess {
     async fn start(redis_url: &str) -> Self {
         for _ in 0..3 {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("a free port")
-                .port();
+            let port = free_port();
             let address = format!("127.0.0.1:{port}");
             let mut child = Command::new(binary("wq-server"))
                 .args(["--redis-url", redis_url, "--listen", &address])

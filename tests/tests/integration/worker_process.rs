@@ -315,10 +315,7 @@ async fn commands_get_the_item_variables_but_not_the_workers_credentials() {
 #[tokio::test]
 async fn sigterm_while_the_broker_is_unreachable_exits_zero_at_once() {
     // A port nobody listens on: bound, then freed.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port();
+    let port = free_port();
     let mut child = Command::new(binary("wq-worker"))
         .args([
             "--broker",

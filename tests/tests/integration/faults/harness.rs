@@ -88,14 +88,6 @@ pub(super) fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// A loopback port that was free a moment ago, for a process that binds it itself.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free loopback port")
-        .port()
-}
-
 pub(crate) fn scratch_dir() -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix("wq-faults-")

@@ -122,10 +122,7 @@ impl Server {
         let tokens = dir.path().join("tokens");
         let table = setup.tokens.clone().unwrap_or_else(token_table);
         std::fs::write(&tokens, table).expect("writing the token table");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = free_port();
         let address = SocketAddr::from(([127, 0, 0, 1], port));
         let log = dir.path().join("wq-server.log");
         let mut child = spawn(redis_url, address, &tokens, &log, setup);
