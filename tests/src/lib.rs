@@ -42,6 +42,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A KiB field of `/proc/<pid>/status`, `field` with its colon (`"VmRSS:"`, `"VmHWM:"`).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|error| panic!("/proc/{pid}/status is not readable: {error}"));
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
 /// Broker settings for tests: short minimum lease, fast reaper and backoff, short Redis timeout.
 pub fn test_config() -> BrokerConfig {
     BrokerConfig {

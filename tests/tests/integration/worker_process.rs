@@ -74,16 +74,6 @@ fn kill_leftover(pid: u32) {
     }
 }
 
-/// The worker's peak resident memory (`VmHWM`) in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("a VmHWM line")
-}
-
 #[tokio::test]
 async fn a_flood_on_stderr_is_kept_as_its_tail_without_being_held_in_memory() {
     let redis = redis().await;
@@ -115,7 +105,7 @@ async fn a_flood_on_stderr_is_kept_as_its_tail_without_being_held_in_memory() {
         state(&mut client, "q").await.dead == 1
     })
     .await;
-    let peak_kib = peak_rss_kib(pid);
+    let peak_kib = proc_status_kib(pid, "VmHWM:");
     signal(pid, "-TERM");
     finish_ok(child, Duration::from_secs(10)).await;
     // The worker alone needs well under this; holding the flood would need all of it.

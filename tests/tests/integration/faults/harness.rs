@@ -189,13 +189,7 @@ impl ServerProcess {
 
     /// Resident memory in KiB, from `/proc/<pid>/status`.
     pub(super) fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("/proc/<pid>/status is readable");
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmRSS in /proc/<pid>/status")
+        proc_status_kib(self.pid(), "VmRSS:")
     }
 }
 

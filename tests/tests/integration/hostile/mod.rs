@@ -152,13 +152,7 @@ impl Server {
     /// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
     fn memory_kib(&self, field: &str) -> u64 {
         let pid = self.child.id().expect("the server runs");
-        let status =
-            std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/<pid>/status");
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+        proc_status_kib(pid, &format!("{field}:"))
     }
 
     fn url(&self) -> String {
