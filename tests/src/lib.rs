@@ -438,6 +438,16 @@ pub fn command_counts_since(
         .join(" ")
 }
 
+/// The keys Redis holds that match `pattern` (`KEYS`, unsorted).
+pub async fn redis_keys(redis: &RedisProcess, pattern: &str) -> Vec<String> {
+    let mut conn = redis_conn(redis).await;
+    redis::cmd("KEYS")
+        .arg(pattern)
+        .query_async(&mut conn)
+        .await
+        .expect("KEYS")
+}
+
 /// Every key and value in Redis, for asserting that a rejected call changed nothing.
 pub async fn redis_dump(redis: &RedisProcess) -> Vec<(String, Vec<u8>)> {
     let mut conn = redis_conn(redis).await;

@@ -292,12 +292,7 @@ async fn delete_queue_removes_every_key_and_the_name() {
         .expect("delete")
         .into_inner();
     assert_eq!(deleted.deleted_count, 7);
-    let mut conn = redis_conn(&redis).await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("wq:{gone}*")
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS");
+    let keys = redis_keys(&redis, "wq:{gone}*").await;
     assert!(keys.is_empty(), "{keys:?}");
     let listed = admin
         .list_queues(pb::ListQueuesRequest::default())

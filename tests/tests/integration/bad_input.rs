@@ -343,12 +343,7 @@ async fn hostile_ids_stay_inside_their_queue() {
     ];
     let items = hostile.iter().map(|id| item_with_id(id, id)).collect();
     assert_eq!(enqueue(&mut client, "q", items).await, hostile);
-    let mut conn = redis_conn(&redis).await;
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS");
+    let keys = redis_keys(&redis, "*").await;
     for key in &keys {
         assert!(
             key == "wq:queues:due" || key.starts_with("wq:{q}:"),

@@ -316,11 +316,7 @@ async fn thousands_of_idle_queues_are_forgotten_and_cost_nothing_at_rest() {
         indexed == 2
     })
     .await;
-    let job_keys: Vec<String> = redis::cmd("KEYS")
-        .arg("wq:{job-*")
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS");
+    let job_keys = redis_keys(&redis, "wq:{job-*").await;
     assert!(
         job_keys.is_empty(),
         "{} keys left, e.g. {:?}",
@@ -503,12 +499,7 @@ async fn delete_queue_is_atomic_against_racing_enqueues_and_takes_retained_items
         "counters start again"
     );
     // Old items of the deleted generation are gone from Redis; the old ids are new again.
-    let mut conn = redis_conn(&redis).await;
-    let old_keys: Vec<String> = redis::cmd("KEYS")
-        .arg("wq:{q}:i:*")
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS");
+    let old_keys = redis_keys(&redis, "wq:{q}:i:*").await;
     assert!(old_keys.is_empty(), "{} old item keys left", old_keys.len());
     assert_eq!(
         enqueue_flags(&mut client, &["old-1", "kept"]).await,

@@ -217,12 +217,7 @@ pub(crate) async fn health_of(url: &str) -> Option<ServingStatus> {
 
 /// Every key Redis holds for `queue`.
 async fn queue_keys(redis: &RedisProcess, queue: &str) -> Vec<String> {
-    let mut conn = redis_conn(redis).await;
-    let mut keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("wq:{{{queue}}}:*"))
-        .query_async(&mut conn)
-        .await
-        .expect("KEYS");
+    let mut keys = redis_keys(redis, &format!("wq:{{{queue}}}:*")).await;
     keys.sort();
     keys
 }
