@@ -16,15 +16,18 @@ async fn wq(broker: &str, args: &[&str]) -> Output {
         .expect("wq runs")
 }
 
-fn stdout(output: &Output) -> String {
+/// A process's stdout, as text.
+pub(super) fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn stderr(output: &Output) -> String {
+/// A process's stderr, as text.
+pub(super) fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-fn ok(output: Output) -> String {
+/// The stdout of a `wq` that succeeded; fails with its output otherwise.
+pub(super) fn ok(output: Output) -> String {
     assert!(
         output.status.success(),
         "wq failed: {}{}",

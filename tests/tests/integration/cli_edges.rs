@@ -17,6 +17,8 @@ use wq_tests::{
     test_config, tonic_health_client,
 };
 
+use crate::cli::{ok, stderr, stdout};
+
 /// Generous bound for a process that must end "at once": far below the 20 s to minutes the old
 /// retry loops took, far above what a loaded 2-core machine needs.
 const AT_ONCE: Duration = Duration::from_secs(15);
@@ -55,14 +57,6 @@ async fn wq(broker: &str, args: &[&str]) -> Output {
         .0
 }
 
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
 /// Asserts that `wq` failed with `code` and exactly one readable line on stderr.
 fn one_line_failure(output: &Output, code: i32) -> String {
     let message = stderr(output);
@@ -97,16 +91,6 @@ fn readable(message: &str) {
         !message.contains("transport error: transport error"),
         "a repeated segment in {message:?}"
     );
-}
-
-fn ok(output: Output) -> String {
-    assert!(
-        output.status.success(),
-        "wq failed: {}{}",
-        stdout(&output),
-        stderr(&output)
-    );
-    stdout(&output)
 }
 
 // --- 1. Replies above tonic's 4 MiB default ------------------------------------------------
