@@ -220,6 +220,27 @@ pub mod health {
 use health::{HealthCheckRequest, HealthClient};
 const SERVING: i32 = health::ServingStatus::Serving as i32;
 
+/// The overall health status the broker at `url` reports (over TLS with `tls`), or `None` when
+/// it does not answer within 2 s.
+pub async fn health_of(url: &str, tls: Option<ClientTlsConfig>) -> Option<health::ServingStatus> {
+    let check = async {
+        let mut endpoint = Channel::from_shared(url.to_owned()).ok()?;
+        if let Some(tls) = tls {
+            endpoint = endpoint.tls_config(tls).ok()?;
+        }
+        let channel = endpoint.connect().await.ok()?;
+        let reply = tonic_health_client(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .ok()?;
+        Some(reply.into_inner().status())
+    };
+    tokio::time::timeout(Duration::from_secs(2), check)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// A health client on `channel`.
 pub fn tonic_health_client(channel: Channel) -> HealthClient<Channel> {
     HealthClient::new(channel)

@@ -13,8 +13,8 @@ use tokio::{io::AsyncWriteExt as _, process::Command};
 use tonic::transport::ClientTlsConfig;
 use wq_client::{Client as WqClient, ConnectOptions};
 use wq_tests::{
-    Broker, BrokerConfig, binary, free_port, health::ServingStatus, pb, pki::Pki, redis,
-    test_config, tonic_health_client,
+    Broker, BrokerConfig, binary, free_port, health::ServingStatus, health_of, pb, pki::Pki, redis,
+    test_config,
 };
 
 use crate::cli::{ok, stderr, stdout};
@@ -334,7 +334,7 @@ impl ServerProcess {
                 if child.try_wait().expect("its status").is_some() {
                     break; // the port was taken meanwhile: try another
                 }
-                if serving(&url).await {
+                if health_of(&url, None).await == Some(ServingStatus::Serving) {
                     return Self { child, url };
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -358,26 +358,6 @@ impl Drop for ServerProcess {
         }
         let _ = self.child.start_kill();
     }
-}
-
-async fn serving(url: &str) -> bool {
-    let check = async {
-        let channel = tonic::transport::Channel::from_shared(url.to_owned())
-            .ok()?
-            .connect()
-            .await
-            .ok()?;
-        let reply = tonic_health_client(channel)
-            .check(wq_tests::health::HealthCheckRequest::default())
-            .await
-            .ok()?;
-        Some(reply.into_inner().status() == ServingStatus::Serving)
-    };
-    tokio::time::timeout(Duration::from_secs(2), check)
-        .await
-        .ok()
-        .flatten()
-        .unwrap_or(false)
 }
 
 #[tokio::test]

@@ -10,7 +10,6 @@ use std::{
 use wq_tests::*;
 
 use super::{cluster_config, cluster_with_brokers};
-use crate::faults::harness::health_of;
 
 /// Leases and completes on `queue` until it is drained, riding out errors (UNAVAILABLE while
 /// the shard fails over); records every completion acknowledged to it, and returns the codes
@@ -130,7 +129,7 @@ async fn a_master_killed_mid_drain_fails_over_and_every_item_is_completed() {
         async move {
             let mut statuses = Vec::new();
             while killed_at.elapsed() < Duration::from_secs(8) {
-                statuses.push(health_of(&url).await);
+                statuses.push(health_of(&url, None).await);
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
             statuses

@@ -11,7 +11,6 @@ use std::{
 };
 
 use tokio::process::{Child, Command};
-use tonic::transport::Channel;
 use wq_tests::{health::ServingStatus, *};
 
 /// A small seeded generator (SplitMix64), so a failing fault schedule can be replayed.
@@ -161,7 +160,7 @@ impl ServerProcess {
             if let Some(status) = child.try_wait().expect("the server's status") {
                 return Err(format!("exited with {status}: {}", tail(&log, 5)));
             }
-            if health_of(&url).await == Some(ServingStatus::Serving) {
+            if health_of(&url, None).await == Some(ServingStatus::Serving) {
                 return Ok(Self {
                     child,
                     address,
@@ -191,28 +190,6 @@ impl ServerProcess {
     pub(super) fn rss_kib(&self) -> u64 {
         proc_status_kib(self.pid(), "VmRSS:")
     }
-}
-
-/// The overall health status a broker reports, or `None` when it does not answer.
-pub(crate) async fn health_of(url: &str) -> Option<ServingStatus> {
-    let check = async {
-        let channel = Channel::from_shared(url.to_owned())
-            .ok()?
-            .connect()
-            .await
-            .ok()?;
-        let reply = tonic_health_client(channel)
-            .check(health::HealthCheckRequest {
-                service: String::new(),
-            })
-            .await
-            .ok()?;
-        Some(reply.into_inner().status())
-    };
-    tokio::time::timeout(Duration::from_secs(2), check)
-        .await
-        .ok()
-        .flatten()
 }
 
 /// Every key Redis holds for `queue`.

@@ -13,7 +13,7 @@ use wq_tests::{health::ServingStatus, *};
 
 use super::{
     fleet::{CONCURRENCY, Fleet, assert_each_ran, enqueue_work, work_time},
-    harness::{Rng, health_of, scratch_dir, wait_until, within},
+    harness::{Rng, scratch_dir, wait_until, within},
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -115,7 +115,7 @@ async fn redis_killed_under_load_keeps_every_acknowledged_item_and_nobody_restar
     wait_until(
         Duration::from_secs(3),
         "health NOT_SERVING while Redis is down",
-        async || health_of(&broker.url()).await == Some(ServingStatus::NotServing),
+        async || health_of(&broker.url(), None).await == Some(ServingStatus::NotServing),
     )
     .await;
     tokio::time::sleep(down_for.saturating_sub(killed.elapsed())).await;
@@ -130,7 +130,7 @@ async fn redis_killed_under_load_keeps_every_acknowledged_item_and_nobody_restar
     wait_until(
         Duration::from_secs(10),
         "health SERVING after Redis is back",
-        async || health_of(&broker.url()).await == Some(ServingStatus::Serving),
+        async || health_of(&broker.url(), None).await == Some(ServingStatus::Serving),
     )
     .await;
     let recovery = restarted.elapsed();
@@ -244,7 +244,7 @@ async fn frozen_redis_under_load_bounds_every_call_and_loses_nothing() {
         slowest = slowest.max(took);
         probe_ids.push(id);
         probes += 1;
-        saw_not_serving |= health_of(&broker.url()).await == Some(ServingStatus::NotServing);
+        saw_not_serving |= health_of(&broker.url(), None).await == Some(ServingStatus::NotServing);
     }
     let exited = fleet.exited();
     assert!(

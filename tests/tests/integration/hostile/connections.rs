@@ -32,9 +32,9 @@ async fn at_the_limit_a_new_connection_evicts_the_one_idle_the_longest() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // The start-up health check's connection, if still held, is the oldest: evicted first.
-    let status = health_of(server.address, None).await;
+    let status = health_of(&server.url(), None).await;
     assert_eq!(status, Some(ServingStatus::Serving), "a newcomer is served");
-    let status = health_of(server.address, None).await;
+    let status = health_of(&server.url(), None).await;
     assert_eq!(status, Some(ServingStatus::Serving), "and the next one");
     let first = closed_within(&mut held[0], Duration::from_secs(2)).await;
     assert!(first.is_some(), "the connection idle the longest is closed");

@@ -21,7 +21,7 @@ async fn half_sent_health_checks_without_a_token_do_not_grow_the_broker() {
     let sent: usize = attacks.iter().map(|a| a.sent).sum();
     let ended: usize = attacks.iter().map(|a| a.ended).sum();
     // Others are still served beside the attack.
-    let status = health_of(server.address, None).await;
+    let status = health_of(&server.url(), None).await;
     eprintln!(
         "hostile: anonymous half-sent health checks: sent={}MiB ended_by_broker={ended} \
          rss_before={}MiB grown_peak={grown}MiB",

@@ -130,12 +130,16 @@ impl Server {
             let ca = std::fs::read(pki.path("ca.pem")).expect("the CA");
             ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca))
         });
+        let health_url = match tls {
+            None => format!("http://{address}"),
+            Some(_) => format!("https://localhost:{port}"),
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(status) = child.try_wait().expect("the server's status") {
                 return Err(format!("exited with {status}: {}", read(&log)));
             }
-            if health_of(address, tls.clone()).await == Some(ServingStatus::Serving) {
+            if health_of(&health_url, tls.clone()).await == Some(ServingStatus::Serving) {
                 return Ok(Self {
                     child,
                     address,
@@ -204,30 +208,6 @@ fn spawn(
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
-}
-
-/// The overall health a broker reports (over TLS with `tls`), or None when it does not answer
-/// within 2 s.
-async fn health_of(address: SocketAddr, tls: Option<ClientTlsConfig>) -> Option<ServingStatus> {
-    let check = async {
-        let channel = match tls {
-            None => Channel::from_shared(format!("http://{address}")).ok()?,
-            Some(tls) => Channel::from_shared(format!("https://localhost:{}", address.port()))
-                .ok()?
-                .tls_config(tls)
-                .ok()?,
-        };
-        let channel = channel.connect().await.ok()?;
-        let reply = tonic_health_client(channel)
-            .check(health::HealthCheckRequest::default())
-            .await
-            .ok()?;
-        Some(reply.into_inner().status())
-    };
-    tokio::time::timeout(Duration::from_secs(2), check)
-        .await
-        .ok()
-        .flatten()
 }
 
 const ENQUEUE: &str = "/wq.v1.WorkQueueService/Enqueue";
