@@ -70,6 +70,17 @@ pub struct BrokerConfig {
     #[arg(long, env = "WQ_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 
+    /// Acknowledge a state-changing call only once `WAIT` confirms its write reached this many
+    /// replicas (0: do not wait). Redis replicates asynchronously: without it, a failover can
+    /// lose acknowledged writes. A wait that times out answers UNAVAILABLE (the write may have
+    /// applied; retrying with the same ids is safe).
+    #[arg(long, env = "WQ_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+
+    /// How long a write waits for `--redis-wait-replicas`.
+    #[arg(long, env = "WQ_REDIS_WAIT_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub redis_wait_timeout: Duration,
+
     /// Lease duration when a Lease call does not give one.
     #[arg(long, env = "WQ_DEFAULT_LEASE", default_value = "30s", value_parser = humantime::parse_duration)]
     pub default_lease: Duration,
@@ -264,6 +275,15 @@ impl BrokerConfig {
     pub fn check(&self) -> Result<(), String> {
         if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
             return Err("--key-prefix must be non-empty and contain no '{' or '}'".into());
+        }
+        if self.redis_wait_replicas > 0
+            && (self.redis_wait_timeout.is_zero() || self.redis_wait_timeout >= self.redis_timeout)
+        {
+            return Err(
+                "--redis-wait-timeout must be > 0 and shorter than --redis-timeout, so that a \
+                 write whose replicas do not answer is told apart from a Redis that does not"
+                    .into(),
+            );
         }
         if self.min_lease.is_zero() || self.min_lease > self.max_lease {
             return Err("--min-lease must be > 0 and <= --max-lease".into());

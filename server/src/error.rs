@@ -24,6 +24,10 @@ pub enum Error {
     /// Redis did not answer within the configured timeout, or could not be reached.
     #[error("redis unavailable: {0}")]
     Unavailable(String),
+    /// A write applied but too few replicas confirmed it in time (`--redis-wait-replicas`);
+    /// the message says so, since the caller may want to know it can retry safely.
+    #[error("{0}")]
+    NotReplicated(String),
     /// Redis answered something the broker did not expect: a bug or a foreign writer.
     #[error("internal error: {0}")]
     Internal(String),
@@ -96,6 +100,10 @@ impl From<Error> for Status {
                     Code::Unavailable,
                     "the broker cannot reach its Redis store; retry with backoff",
                 )
+            }
+            Error::NotReplicated(msg) => {
+                tracing::warn!(%msg, "write not confirmed by the replicas");
+                Status::new(Code::Unavailable, msg)
             }
             Error::Internal(detail) => {
                 tracing::error!(%detail, "internal error");

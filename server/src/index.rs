@@ -61,7 +61,8 @@ impl Store {
         at_ms: i64,
         what: &str,
     ) -> Result<Value> {
-        let (reply, scheduled) = tokio::join!(self.invoke(call), self.schedule(queue, at_ms));
+        let (reply, scheduled) =
+            tokio::join!(self.invoke_write(call, queue), self.schedule(queue, at_ms));
         if let Err(error) = scheduled {
             tracing::warn!(queue = %queue, %error, "could not schedule the reaper for {what}");
         }

@@ -13,6 +13,7 @@
 //!   whose Lease reply was not delivered.
 //! - [`store`], [`scripts`], [`keys`], [`reply`]: Redis access, one method per Lua script;
 //!   [`connection`], [`sentinel`]: the one connection they share, in each `--redis-mode`;
+//!   [`replicated`]: writes that wait for their replicas (`--redis-wait-replicas`);
 //!   [`index`]: the queue index that tells the reaper which queues need it when.
 //! - [`lease_id`]: the opaque lease handle; [`model`]: the data the store takes and returns.
 //! - [`notify`], [`reaper`], [`health`]: the background tasks; `subscription` keeps their
@@ -42,6 +43,7 @@ pub mod limits;
 pub mod model;
 pub mod notify;
 pub mod reaper;
+pub mod replicated;
 pub mod reply;
 pub mod scripts;
 pub mod sentinel;
@@ -132,7 +134,17 @@ pub async fn serve(
         _ => None,
     };
     tracing::info!(mode = ?redis.mode(), nodes = %redis.describe(), "redis");
-    let store = Arc::new(Store::new(conn, Arc::clone(&config)));
+    let mut store = Store::new(conn.clone(), Arc::clone(&config));
+    if config.redis_wait_replicas > 0 {
+        store = store.with_replicated_writes(replicated::ReplicatedWrites::new(
+            &redis,
+            &conn,
+            config.redis_timeout,
+            config.redis_wait_replicas,
+            config.redis_wait_timeout,
+        )?);
+    }
+    let store = Arc::new(store);
     let notifier = Arc::new(Notifier::default());
     let stop = CancellationToken::new();
 

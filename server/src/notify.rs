@@ -118,7 +118,7 @@ pub async fn listen(
 ) {
     let subscription = Subscription {
         what: "ready notifications",
-        channel: &channel,
+        channels: &[channel.as_str()],
         timeout: connect_timeout,
         max_backoff: Duration::from_secs(2),
     };
@@ -126,7 +126,7 @@ pub async fn listen(
         .keep(
             |attempt| subscribers.client(attempt),
             || notifier.wake_all(),
-            |payload| {
+            |_, payload| {
                 if let Some((count, queue)) = parse_message(payload) {
                     notifier.wake(queue, count);
                 }

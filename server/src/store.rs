@@ -20,6 +20,7 @@ use crate::{
     error::{Error, Result},
     keys::{self, QueueKeys},
     lease_id::LeaseId,
+    replicated::ReplicatedWrites,
     reply,
     scripts::{Scripts, millis, queue_invocation},
 };
@@ -43,6 +44,8 @@ pub struct Store {
     pub(crate) lease_line: Arc<LeaseLine>,
     /// Complete calls waiting to be combined.
     pub(crate) complete_line: Arc<CompleteLine>,
+    /// With `--redis-wait-replicas`, the connections writes wait for their replicas on.
+    replicated: Option<ReplicatedWrites>,
 }
 
 impl Store {
@@ -57,8 +60,17 @@ impl Store {
             in_flight: Semaphore::new(config.max_redis_in_flight),
             lease_line: Arc::new(LeaseLine::new(config.max_lease_items as usize)),
             complete_line: Arc::new(CompleteLine::new(config.max_batch)),
+            replicated: None,
             config,
         }
+    }
+
+    /// Makes every state-changing script wait for its replicas through `writes` (see
+    /// [`crate::replicated`]).
+    #[must_use]
+    pub fn with_replicated_writes(mut self, writes: ReplicatedWrites) -> Self {
+        self.replicated = Some(writes);
+        self
     }
 
     /// The pub/sub channel the scripts publish ready notifications on.
@@ -78,10 +90,27 @@ impl Store {
         &self.config
     }
 
-    /// Runs one script call, bounded by the Redis timeout.
+    /// Runs one script call that only reads, or whose write needs no acknowledgement from
+    /// the replicas (the reaper's), bounded by the Redis timeout.
     pub(crate) async fn invoke(&self, call: &redis::ScriptInvocation<'_>) -> Result<Value> {
         let mut conn = self.conn.clone();
         self.bounded(call.invoke_async(&mut conn)).await
+    }
+
+    /// Runs one state-changing script call of `queue`, bounded by the Redis timeout; with
+    /// `--redis-wait-replicas`, it answers only once the replicas have the write.
+    pub(crate) async fn invoke_write(
+        &self,
+        call: &redis::ScriptInvocation<'_>,
+        queue: &str,
+    ) -> Result<Value> {
+        match &self.replicated {
+            None => self.invoke(call).await,
+            Some(writes) => {
+                let key = self.keys(queue).meta;
+                self.bounded(writes.invoke(call, &key)).await
+            }
+        }
     }
 
     /// Runs one plain command, bounded by the Redis timeout.
@@ -101,7 +130,10 @@ impl Store {
 
     /// Bounds a Redis call by the configured timeout, after waiting (as long again at most)
     /// for one of the in-flight slots.
-    async fn bounded<T>(&self, call: impl Future<Output = redis::RedisResult<T>>) -> Result<T> {
+    async fn bounded<T, E: Into<Error>>(
+        &self,
+        call: impl Future<Output = std::result::Result<T, E>>,
+    ) -> Result<T> {
         let timeout = self.config.redis_timeout;
         let _slot = match tokio::time::timeout(timeout, self.in_flight.acquire()).await {
             Ok(Ok(slot)) => slot,
@@ -115,7 +147,7 @@ impl Store {
             }
         };
         match tokio::time::timeout(timeout, call).await {
-            Ok(result) => Ok(result?),
+            Ok(result) => result.map_err(Into::into),
             Err(_) => Err(Error::Unavailable(format!(
                 "no reply within {:?}",
                 self.config.redis_timeout
@@ -336,7 +368,7 @@ impl Store {
         }
         let kept = self.config.finished_ids_kept();
         if kept.is_zero() {
-            let reply = reply::array("complete", self.invoke(&call).await?)?;
+            let reply = reply::array("complete", self.invoke_write(&call, queue).await?)?;
             return reply::flags("complete flags", &reply);
         }
         // The ids finished now are forgotten by the reaper when their window ends.
@@ -370,7 +402,7 @@ impl Store {
             .arg(millis(self.config.backoff_cap))
             .arg(jitter)
             .arg(u8::from(dead_letter));
-        let reply = reply::array("fail", self.invoke(&call).await?)?;
+        let reply = reply::array("fail", self.invoke_write(&call, queue).await?)?;
         let [ok, state, next]: [Value; 3] = reply
             .try_into()
             .map_err(|_| Error::Internal("fail reply has the wrong length".into()))?;
@@ -409,7 +441,7 @@ impl Store {
         for l in leases {
             call.arg(&l.item_id).arg(&l.token);
         }
-        let reply = reply::array("release", self.invoke(&call).await?)?;
+        let reply = reply::array("release", self.invoke_write(&call, queue).await?)?;
         reply::flags("release flags", &reply)
     }
 

@@ -16,8 +16,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 pub(crate) struct Subscription<'a> {
     /// For logs.
     pub what: &'a str,
-    /// The channel.
-    pub channel: &'a str,
+    /// The channels.
+    pub channels: &'a [&'a str],
     /// How long one attempt (connect and subscribe) may take.
     pub timeout: Duration,
     /// The longest wait between attempts.
@@ -25,14 +25,14 @@ pub(crate) struct Subscription<'a> {
 }
 
 impl Subscription<'_> {
-    /// Keeps the channel subscribed until `stop`: `server(attempt)` names the server of each
+    /// Keeps the channels subscribed until `stop`: `server(attempt)` names the server of each
     /// attempt (counted from 0), `subscribed` runs after every (re)subscription (messages sent
-    /// meanwhile are lost) and `message` for each message's payload.
+    /// meanwhile are lost) and `message` for each message's channel and payload.
     pub(crate) async fn keep<S, F>(
         &self,
         mut server: S,
         mut subscribed: impl FnMut(),
-        mut message: impl FnMut(&[u8]),
+        mut message: impl FnMut(&str, &[u8]),
         stop: &CancellationToken,
     ) where
         S: FnMut(usize) -> F,
@@ -45,20 +45,22 @@ impl Subscription<'_> {
             }
             let connect = async {
                 let mut pubsub = server(attempt).await?.get_async_pubsub().await?;
-                pubsub.subscribe(self.channel).await?;
+                pubsub.subscribe(self.channels).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
             match tokio::time::timeout(self.timeout, connect).await {
                 Ok(Ok(pubsub)) => {
                     backoff = FIRST_BACKOFF;
-                    tracing::debug!(channel = %self.channel, "subscribed to {}", self.what);
+                    tracing::debug!(channels = ?self.channels, "subscribed to {}", self.what);
                     subscribed();
                     let mut messages = pubsub.into_on_message();
                     loop {
                         tokio::select! {
                             () = stop.cancelled() => return,
                             next = messages.next() => match next {
-                                Some(next) => message(next.get_payload_bytes()),
+                                Some(next) => {
+                                    message(next.get_channel_name(), next.get_payload_bytes());
+                                }
                                 None => break,
                             },
                         }

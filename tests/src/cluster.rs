@@ -78,6 +78,7 @@ impl RedisCluster {
         );
         let cluster = Self { nodes };
         cluster.wait_ok().await;
+        cluster.wait_replicas_online().await;
         cluster
     }
 
@@ -122,6 +123,33 @@ impl RedisCluster {
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "the cluster did not reach cluster_state:ok within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until every master has a replica that follows it (`state=online`), so that
+    /// writes can be confirmed by `WAIT` from the start.
+    async fn wait_replicas_online(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut masters = 0;
+            let mut online = 0;
+            for node in &self.nodes {
+                let info: Option<String> =
+                    node_query(node, redis::cmd("INFO").arg("replication")).await;
+                let info = info.unwrap_or_default();
+                if info.contains("role:master") {
+                    masters += 1;
+                    online += usize::from(info.contains("state=online"));
+                }
+            }
+            if masters == 3 && online == 3 {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the replicas did not follow their masters within 30 s"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

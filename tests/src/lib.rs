@@ -13,6 +13,7 @@ pub use wq_server::{config::BrokerConfig, connection::RedisTarget, dev::RedisPro
 
 pub mod cluster;
 pub mod pki;
+pub mod sentinel;
 
 /// A gRPC client of the work-queue service.
 pub type Client = pb::work_queue_service_client::WorkQueueServiceClient<Channel>;
