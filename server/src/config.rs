@@ -276,13 +276,16 @@ impl BrokerConfig {
         if self.key_prefix.is_empty() || self.key_prefix.contains(['{', '}']) {
             return Err("--key-prefix must be non-empty and contain no '{' or '}'".into());
         }
+        // WAIT takes whole ms, and 0 means forever.
         if self.redis_wait_replicas > 0
-            && (self.redis_wait_timeout.is_zero() || self.redis_wait_timeout >= self.redis_timeout)
+            && (self.redis_wait_timeout < Duration::from_millis(1)
+                || self.redis_wait_timeout >= self.redis_timeout)
         {
             return Err(
-                "--redis-wait-timeout must be > 0 and shorter than --redis-timeout, so that a \
-                 write whose replicas do not answer is told apart from a Redis that does not"
-                    .into(),
+                "--redis-wait-timeout must be 1ms or more and shorter than --redis-timeout, so \
+                 that a write whose replicas do not answer is told apart from a Redis that does \
+                 not"
+                .into(),
             );
         }
         if self.min_lease.is_zero() || self.min_lease > self.max_lease {

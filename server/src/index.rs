@@ -19,6 +19,15 @@ use crate::{error::Result, keys, reply, store::Store};
 /// its index update.
 const LONGEST_UNVISITED: Duration = Duration::from_secs(3600);
 
+/// Whose confirmation a script's write waits for (see [`Store::invoke_write`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ack {
+    /// The replicas', with `--redis-wait-replicas`.
+    Replicas,
+    /// The master's alone.
+    Primary,
+}
+
 impl Store {
     /// This process's clock in Unix ms, for index scores only: the reaper recomputes every
     /// queue's real need from the Redis clock when it visits, so skew only moves a visit.
@@ -60,9 +69,15 @@ impl Store {
         queue: &str,
         at_ms: i64,
         what: &str,
+        ack: Ack,
     ) -> Result<Value> {
-        let (reply, scheduled) =
-            tokio::join!(self.invoke_write(call, queue), self.schedule(queue, at_ms));
+        let invoked = async {
+            match ack {
+                Ack::Replicas => self.invoke_write(call).await,
+                Ack::Primary => self.invoke(call).await,
+            }
+        };
+        let (reply, scheduled) = tokio::join!(invoked, self.schedule(queue, at_ms));
         if let Err(error) = scheduled {
             tracing::warn!(queue = %queue, %error, "could not schedule the reaper for {what}");
         }

@@ -33,7 +33,7 @@ pub const WRITE_CONNECTIONS: usize = 16;
 
 /// One write connection.
 enum Writer {
-    /// A standalone or cluster connection of its own.
+    /// A standalone connection of its own.
     Own(RedisConnection),
     /// Slot `.1` of the sentinels' master, which follows its failovers.
     Sentinel(Arc<SentinelMaster>, usize),
@@ -59,7 +59,8 @@ impl std::fmt::Debug for ReplicatedWrites {
 
 impl ReplicatedWrites {
     /// Write connections to `target` (through `conn`'s sentinel master in sentinel mode),
-    /// waiting up to `wait` for `replicas` replicas.
+    /// waiting up to `wait` for `replicas` replicas. Not on a cluster (see
+    /// [`crate::serve`, which refuses it]).
     ///
     /// # Errors
     /// When the target's settings are rejected by redis-rs.
@@ -86,62 +87,76 @@ impl ReplicatedWrites {
         })
     }
 
-    /// Runs `call`, a script of the queue whose keys include `key`, then waits for its write
-    /// to reach the replicas.
+    /// Runs `call` and `WAIT` in one pipeline on one connection (so the `WAIT` covers that
+    /// write and no other connection's), loading the script first if Redis lacks it.
     ///
     /// # Errors
-    /// UNAVAILABLE when Redis does not answer, or when fewer replicas confirmed the write in
-    /// time (it may have applied).
-    pub async fn invoke(&self, call: &ScriptInvocation<'_>, key: &str) -> Result<Value> {
-        let index = self.next.fetch_add(1, Ordering::Relaxed) % self.writers.len();
-        let mut writer = self.writers[index].lock().await;
+    /// UNAVAILABLE when Redis does not answer, when the sentinels' master changed meanwhile,
+    /// or when fewer replicas confirmed the write in time (it may have applied).
+    pub async fn invoke(&self, call: &ScriptInvocation<'_>) -> Result<Value> {
+        let mut writer = self.free_writer().await;
         let wait = redis::cmd("WAIT")
             .arg(self.replicas)
             .arg(millis(self.wait))
             .clone();
         let (reply, confirmed) = match &mut *writer {
-            Writer::Own(conn) => {
-                let reply = call.invoke_async(conn).await?;
-                (reply, conn.wait(&wait, key).await?)
-            }
+            Writer::Own(conn) => with_wait(conn, call, &wait).await?,
             Writer::Sentinel(master, slot) => {
                 let (generation, mut conn) = master.slot_connection(*slot).await?;
-                let done = async {
-                    let reply: Value = call.invoke_async(&mut conn).await?;
-                    let confirmed: i64 = wait.query_async(&mut conn).await?;
-                    Ok::<_, redis::RedisError>((reply, confirmed))
-                }
-                .await;
+                let done = with_wait(&mut conn, call, &wait).await;
                 master.check(generation, done.as_ref().err());
-                done?
+                let done = done?;
+                if master.generation() != generation {
+                    // A failover began while the write waited: its replicas may be the old
+                    // master's, whose writes are lost.
+                    return Err(Error::NotReplicated(
+                        "the sentinels' master changed while the write waited for its \
+                         replicas; it may have applied"
+                            .into(),
+                    ));
+                }
+                done
             }
         };
         if confirmed < i64::from(self.replicas) {
             return Err(Error::NotReplicated(format!(
                 "the write reached {confirmed} of --redis-wait-replicas {} replicas within \
-                 --redis-wait-timeout {:?}; it may have applied (retrying with the same ids is \
-                 safe)",
+                 --redis-wait-timeout {:?}; it may have applied",
                 self.replicas, self.wait
             )));
         }
         Ok(reply)
     }
+
+    /// A write connection nobody uses now, or (all busy) the next in turn.
+    async fn free_writer(&self) -> tokio::sync::MutexGuard<'_, Writer> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        for offset in 0..self.writers.len() {
+            if let Ok(writer) = self.writers[(start + offset) % self.writers.len()].try_lock() {
+                return writer;
+            }
+        }
+        self.writers[start % self.writers.len()].lock().await
+    }
 }
 
-impl RedisConnection {
-    /// Sends `wait` where the last write to `key` went: on a cluster, to the master of `key`'s
-    /// slot; elsewhere, down this connection.
-    async fn wait(&mut self, wait: &redis::Cmd, key: &str) -> redis::RedisResult<i64> {
-        match self {
-            Self::Cluster(conn) => {
-                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-                let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-                    Route::with_key(key, SlotAddr::Master),
-                ));
-                let value = conn.route_command(wait.clone(), routing).await?;
-                Ok(redis::from_redis_value(value)?)
-            }
-            other => wait.query_async(other).await,
+/// `call` then `wait` down `conn` in one pipeline: the script's reply and the replicas that
+/// confirmed it. A pipelined script is not loaded by redis-rs, so a NOSCRIPT (a restarted or
+/// new master) loads it and sends the pair again; the first `WAIT` covered nothing.
+async fn with_wait<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    call: &ScriptInvocation<'_>,
+    wait: &redis::Cmd,
+) -> redis::RedisResult<(Value, i64)> {
+    let mut pipe = redis::pipe();
+    pipe.invoke_script(call).add_command(wait.clone());
+    match pipe.query_async(conn).await {
+        Err(error)
+            if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+        {
+            call.load_async(conn).await?;
+            pipe.query_async(conn).await
         }
+        result => result,
     }
 }

@@ -178,7 +178,9 @@ impl SentinelMaster {
             let first: String = redis::from_redis_value(role.first()?.clone()).ok()?;
             (first == "master").then_some(())
         };
-        tokio::time::timeout(self.timeout, check).await.ok()??;
+        // Half the Redis timeout, so that a promoted address that does not answer leaves the
+        // caller time to ask the sentinels instead.
+        tokio::time::timeout(self.timeout / 2, check).await.ok()??;
         Some(client)
     }
 
@@ -187,6 +189,11 @@ impl SentinelMaster {
         if let Ok(mut promoted) = self.promoted.lock() {
             *promoted = None;
         }
+    }
+
+    /// The generation of the master's connections: it changes whenever the master may have.
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// Forgets the connection to the current master: the next call asks the sentinels.
@@ -220,9 +227,11 @@ impl SentinelMaster {
                 )));
             }
         };
-        if let Ok(mut current) = self.current.lock()
-            && self.generation.load(Ordering::SeqCst) == generation
-        {
+        // A failover announced during the lookup may have made its answer stale.
+        if self.generation() != generation {
+            return Err(changed_meanwhile());
+        }
+        if let Ok(mut current) = self.current.lock() {
             *current = Some((generation, conn.clone()));
         }
         Ok((generation, conn))
@@ -255,6 +264,9 @@ impl SentinelMaster {
                 )));
             }
         };
+        if self.generation() != generation {
+            return Err(changed_meanwhile());
+        }
         let conn = ConnectionManager::new_lazy_with_config(client, manager_config(self.timeout))?;
         if let Ok(mut slots) = self.write_slots.lock() {
             if slots.len() <= slot {
@@ -364,4 +376,12 @@ impl SentinelMaster {
             )
             .await;
     }
+}
+
+/// The error of a master lookup overtaken by a failover announcement.
+fn changed_meanwhile() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::new(
+        std::io::ErrorKind::Interrupted,
+        "a failover was announced while the master was looked up",
+    ))
 }

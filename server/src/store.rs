@@ -18,6 +18,7 @@ use crate::{
     config::BrokerConfig,
     connection::RedisConnection,
     error::{Error, Result},
+    index::Ack,
     keys::{self, QueueKeys},
     lease_id::LeaseId,
     replicated::ReplicatedWrites,
@@ -97,19 +98,16 @@ impl Store {
         self.bounded(call.invoke_async(&mut conn)).await
     }
 
-    /// Runs one state-changing script call of `queue`, bounded by the Redis timeout; with
-    /// `--redis-wait-replicas`, it answers only once the replicas have the write.
-    pub(crate) async fn invoke_write(
-        &self,
-        call: &redis::ScriptInvocation<'_>,
-        queue: &str,
-    ) -> Result<Value> {
+    /// Runs one script call whose write loses work if a failover loses it (an enqueue, a
+    /// completion, a failure, an operator's change), bounded by the Redis timeout; with
+    /// `--redis-wait-replicas`, it answers only once the replicas have the write. A lost lease,
+    /// extension or release only lets an item be delivered again, which at-least-once delivery
+    /// allows anyway, so those use [`Store::invoke`]: waiting would strand the items of a Lease
+    /// whose wait failed.
+    pub(crate) async fn invoke_write(&self, call: &redis::ScriptInvocation<'_>) -> Result<Value> {
         match &self.replicated {
             None => self.invoke(call).await,
-            Some(writes) => {
-                let key = self.keys(queue).meta;
-                self.bounded(writes.invoke(call, &key)).await
-            }
+            Some(writes) => self.bounded(writes.invoke(call)).await,
         }
     }
 
@@ -211,7 +209,7 @@ impl Store {
                 .arg(item.headers.as_ref());
         }
         let reply = self
-            .invoke_scheduling(&call, queue, visit, "an enqueue")
+            .invoke_scheduling(&call, queue, visit, "an enqueue", Ack::Replicas)
             .await?;
         let reply = reply::array("enqueue", reply)?;
         let (status, flags) = reply
@@ -266,7 +264,7 @@ impl Store {
         // The reaper must visit the queue when these leases expire, should their holder vanish.
         let expiry = self.local_ms_after(lease);
         let reply = self
-            .invoke_scheduling(&call, queue, expiry, "new leases")
+            .invoke_scheduling(&call, queue, expiry, "new leases", Ack::Primary)
             .await?;
         let reply = reply::array("lease", reply)?;
         let [now, expire, drained, next_due, ready_left, sealed, grants]: [Value; 7] = reply
@@ -339,7 +337,7 @@ impl Store {
         // A heartbeat may also shorten a lease: the reaper must visit by the new expiry.
         let expiry = self.local_ms_after(lease);
         let reply = self
-            .invoke_scheduling(&call, queue, expiry, "extended leases")
+            .invoke_scheduling(&call, queue, expiry, "extended leases", Ack::Primary)
             .await?;
         let reply = reply::array("extend", reply)?;
         let (expire, flags) = reply
@@ -368,13 +366,19 @@ impl Store {
         }
         let kept = self.config.finished_ids_kept();
         if kept.is_zero() {
-            let reply = reply::array("complete", self.invoke_write(&call, queue).await?)?;
+            let reply = reply::array("complete", self.invoke_write(&call).await?)?;
             return reply::flags("complete flags", &reply);
         }
         // The ids finished now are forgotten by the reaper when their window ends.
         let forget_at = self.local_ms_after(kept);
         let reply = self
-            .invoke_scheduling(&call, queue, forget_at, "forgetting finished ids")
+            .invoke_scheduling(
+                &call,
+                queue,
+                forget_at,
+                "forgetting finished ids",
+                Ack::Replicas,
+            )
             .await?;
         reply::flags("complete flags", &reply::array("complete", reply)?)
     }
@@ -402,7 +406,7 @@ impl Store {
             .arg(millis(self.config.backoff_cap))
             .arg(jitter)
             .arg(u8::from(dead_letter));
-        let reply = reply::array("fail", self.invoke_write(&call, queue).await?)?;
+        let reply = reply::array("fail", self.invoke_write(&call).await?)?;
         let [ok, state, next]: [Value; 3] = reply
             .try_into()
             .map_err(|_| Error::Internal("fail reply has the wrong length".into()))?;
@@ -441,7 +445,7 @@ impl Store {
         for l in leases {
             call.arg(&l.item_id).arg(&l.token);
         }
-        let reply = reply::array("release", self.invoke_write(&call, queue).await?)?;
+        let reply = reply::array("release", self.invoke(&call).await?)?;
         reply::flags("release flags", &reply)
     }
 

@@ -12,6 +12,10 @@ use tokio_util::sync::CancellationToken;
 /// fail.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
+/// How long a subscription must have held for its loss to be retried after the first backoff
+/// again.
+const STABLE_AFTER: Duration = Duration::from_secs(1);
+
 /// What one kept-up subscription listens to, and what it does.
 pub(crate) struct Subscription<'a> {
     /// For logs.
@@ -50,7 +54,7 @@ impl Subscription<'_> {
             };
             match tokio::time::timeout(self.timeout, connect).await {
                 Ok(Ok(pubsub)) => {
-                    backoff = FIRST_BACKOFF;
+                    let since = tokio::time::Instant::now();
                     tracing::debug!(channels = ?self.channels, "subscribed to {}", self.what);
                     subscribed();
                     let mut messages = pubsub.into_on_message();
@@ -66,6 +70,11 @@ impl Subscription<'_> {
                         }
                     }
                     tracing::warn!("{} subscription lost; subscribing again", self.what);
+                    // Only a subscription that held for a while earns a quick renewal: a server
+                    // that drops each one at once is retried with growing pauses.
+                    if since.elapsed() >= STABLE_AFTER {
+                        backoff = FIRST_BACKOFF;
+                    }
                 }
                 failure => {
                     let detail = match failure {

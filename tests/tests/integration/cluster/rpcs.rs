@@ -226,60 +226,49 @@ async fn an_enqueue_through_one_broker_wakes_a_waiter_in_the_other_on_every_mast
     }
 }
 
-/// `--redis-wait-replicas 1` on a cluster: each write's `WAIT` goes to the master of its
-/// queue's slot, whose replica confirms it, on every master.
+/// `--redis-wait-replicas` is refused on a cluster, with the reason: the cluster client cannot
+/// keep a write and its `WAIT` on one connection, so an acknowledgement could cover nothing.
 #[tokio::test]
-async fn writes_wait_for_the_replica_of_their_own_master() {
+async fn waiting_for_replicas_is_refused_on_a_cluster() {
+    let cluster = RedisCluster::start().await;
     let config = BrokerConfig {
         redis_wait_replicas: 1,
         redis_wait_timeout: Duration::from_secs(1),
         ..cluster_config()
     };
-    let (cluster, broker, _second) = cluster_with_brokers(config).await;
-    let mut client = broker.client().await;
-    for queue in RedisCluster::queue_per_master() {
-        enqueue(&mut client, queue, vec![item_with_id("a", "1")]).await;
-        let leased = lease(&mut client, queue, 1, Duration::from_secs(30)).await;
-        let ids = [leased.items[0].lease_id.clone()];
-        assert_eq!(
-            complete(&mut client, queue, &ids).await,
-            [pb::LeaseOutcome::Ok],
-            "{queue}"
-        );
-    }
-    // A shard without a replica cannot confirm: its queue's writes answer UNAVAILABLE.
-    let master = cluster.master_of("q1").await;
-    let replica_port: Option<u16> = {
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut redis_conn(&cluster.nodes[master]).await)
-            .await
-            .expect("INFO");
-        info.lines()
-            .find_map(|line| line.strip_prefix("slave0:"))
-            .and_then(|replica| replica.split(',').find_map(|kv| kv.strip_prefix("port=")))
-            .and_then(|port| port.parse().ok())
-    };
-    let replica = replica_port.expect("q1's master has a replica");
-    let mut cluster = cluster;
-    let index = cluster
-        .nodes
-        .iter()
-        .position(|node| node.port() == replica)
-        .expect("the replica is one of the nodes");
-    cluster.nodes[index].kill().await;
-    let refused = client
-        .enqueue(pb::EnqueueRequest {
-            queue: "q1".into(),
-            items: vec![item_with_id("b", "2")],
-        })
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
-        .expect_err("no replica confirms the write");
-    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        .expect("a port");
+    let refused = wq_server::serve(listener, cluster.target(), config, std::future::pending())
+        .await
+        .expect_err("refused at start");
+    let message = refused.to_string();
     assert!(
-        refused.message().contains("--redis-wait-replicas"),
-        "{refused:?}"
+        message.contains("--redis-wait-replicas") && message.contains("cluster"),
+        "{message}"
     );
-    // Queues of the other masters still write.
-    enqueue(&mut client, "q4", vec![item_with_id("c", "3")]).await;
+}
+
+/// Two idle brokers on a cluster cost its nodes next to nothing: each reaper reads the queue
+/// index once per round and the health monitor pings every master once a second.
+#[tokio::test]
+async fn idle_brokers_cost_the_cluster_next_to_nothing() {
+    let config = BrokerConfig {
+        reap_interval: Duration::from_millis(500),
+        ..cluster_config()
+    };
+    let (cluster, first, _second) = cluster_with_brokers(config).await;
+    let mut client = first.client().await;
+    for queue in RedisCluster::queue_per_master() {
+        enqueue(&mut client, queue, vec![item("x")]).await;
+    }
+    // Let the first visits of the new queues pass.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = cluster.commands().await;
+    let started = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let per_second = (cluster.commands().await - before) as f64 / started.elapsed().as_secs_f64();
+    println!("cluster: two idle brokers: {per_second:.1} commands/s over six nodes");
+    // 2 × 2 index reads and 2 × 3 pings a second, plus the nodes' own replication pings.
+    assert!(per_second < 40.0, "{per_second:.1} commands/s at rest");
 }
