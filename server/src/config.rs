@@ -70,10 +70,10 @@ pub struct BrokerConfig {
     #[arg(long, env = "WQ_REDIS_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 
-    /// Acknowledge a state-changing call only once `WAIT` confirms its write reached this many
-    /// replicas (0: do not wait). Redis replicates asynchronously: without it, a failover can
-    /// lose acknowledged writes. A wait that times out answers UNAVAILABLE (the write may have
-    /// applied; retrying with the same ids is safe).
+    /// Acknowledge an Enqueue, Complete, Fail or operator's change only once `WAIT` confirms
+    /// its write reached this many replicas (0: do not wait). Redis replicates asynchronously:
+    /// without it, a failover can lose acknowledged writes. A wait that times out answers
+    /// UNAVAILABLE (the write may have applied). Standalone and sentinel modes only.
     #[arg(long, env = "WQ_REDIS_WAIT_REPLICAS", default_value_t = 0)]
     pub redis_wait_replicas: u32,
 
