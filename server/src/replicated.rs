@@ -59,8 +59,8 @@ impl std::fmt::Debug for ReplicatedWrites {
 
 impl ReplicatedWrites {
     /// Write connections to `target` (through `conn`'s sentinel master in sentinel mode),
-    /// waiting up to `wait` for `replicas` replicas. Not on a cluster (see
-    /// [`crate::serve`, which refuses it]).
+    /// waiting up to `wait` for `replicas` replicas. Not on a cluster: [`crate::serve`]
+    /// refuses the flag there.
     ///
     /// # Errors
     /// When the target's settings are rejected by redis-rs.
@@ -141,22 +141,47 @@ impl ReplicatedWrites {
 }
 
 /// `call` then `wait` down `conn` in one pipeline: the script's reply and the replicas that
-/// confirmed it. A pipelined script is not loaded by redis-rs, so a NOSCRIPT (a restarted or
-/// new master) loads it and sends the pair again; the first `WAIT` covered nothing.
+/// confirmed it. A script's error reply comes back as the same error a lone call gives (so its
+/// code maps as usual: OOM, BUSY, NOREPLICAS…). A pipelined script is not loaded by redis-rs,
+/// so a NOSCRIPT (a restarted or new master) loads it and sends the pair again; the first
+/// `WAIT` covered nothing, and may have waited its whole timeout.
 async fn with_wait<C: redis::aio::ConnectionLike>(
     conn: &mut C,
     call: &ScriptInvocation<'_>,
     wait: &redis::Cmd,
 ) -> redis::RedisResult<(Value, i64)> {
     let mut pipe = redis::pipe();
-    pipe.invoke_script(call).add_command(wait.clone());
-    match pipe.query_async(conn).await {
+    pipe.ignore_errors()
+        .invoke_script(call)
+        .add_command(wait.clone());
+    match send(conn, &pipe).await {
         Err(error)
             if error.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
         {
             call.load_async(conn).await?;
-            pipe.query_async(conn).await
+            send(conn, &pipe).await
         }
         result => result,
     }
+}
+
+async fn send<C: redis::aio::ConnectionLike>(
+    conn: &mut C,
+    pipe: &redis::Pipeline,
+) -> redis::RedisResult<(Value, i64)> {
+    let replies: Vec<Value> = pipe.query_async(conn).await?;
+    let Ok([reply, confirmed]) = <[Value; 2]>::try_from(replies) else {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::Client,
+            "a write and its WAIT got the wrong number of replies",
+        )));
+    };
+    if let Value::ServerError(error) = reply {
+        return Err(error.into());
+    }
+    let confirmed = match confirmed {
+        Value::ServerError(error) => return Err(error.into()),
+        confirmed => redis::from_redis_value(confirmed)?,
+    };
+    Ok((reply, confirmed))
 }

@@ -92,7 +92,8 @@ impl Store {
     }
 
     /// Runs one script call that only reads, or whose write needs no acknowledgement from
-    /// the replicas (the reaper's), bounded by the Redis timeout.
+    /// the replicas (a lease, an extension, a release, the reaper's; see
+    /// [`Store::invoke_write`]), bounded by the Redis timeout.
     pub(crate) async fn invoke(&self, call: &redis::ScriptInvocation<'_>) -> Result<Value> {
         let mut conn = self.conn.clone();
         self.bounded(call.invoke_async(&mut conn)).await

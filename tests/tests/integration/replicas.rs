@@ -69,3 +69,48 @@ async fn writes_are_acknowledged_once_the_replica_has_them_and_unavailable_witho
         "{refused:?}"
     );
 }
+
+/// A script's error reply keeps its meaning when the write waits for replicas: a full Redis
+/// still answers RESOURCE_EXHAUSTED, not INTERNAL (the write and its WAIT are one pipeline).
+#[tokio::test]
+async fn a_full_redis_answers_resource_exhausted_while_writes_wait_for_replicas() {
+    let master = redis().await;
+    let port = master.port().to_string();
+    let replica = RedisProcess::start_with(&["--save", "", "--replicaof", "127.0.0.1", &port])
+        .await
+        .expect("a replica");
+    eventually("the replica follows the master", async || {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut redis_conn(&replica).await)
+            .await
+            .unwrap_or_default();
+        info.contains("master_link_status:up")
+    })
+    .await;
+    let config = BrokerConfig {
+        redis_timeout: Duration::from_secs(2),
+        redis_wait_replicas: 1,
+        redis_wait_timeout: Duration::from_millis(300),
+        ..test_config()
+    };
+    let broker = Broker::start_with(&master.url(), config).await;
+    let mut client = broker.client().await;
+    enqueue(&mut client, "q", vec![item("x")]).await;
+    let mut admin = redis_conn(&master).await;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("1")
+        .query_async(&mut admin)
+        .await
+        .expect("CONFIG SET");
+    let status = client
+        .enqueue(pb::EnqueueRequest {
+            queue: "q".into(),
+            items: vec![item("y")],
+        })
+        .await
+        .expect_err("a full redis refuses writes");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+}
