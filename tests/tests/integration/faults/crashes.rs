@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use wq_tests::*;
 
 use super::{
-    fleet::{CONCURRENCY, Fleet, WORKER_LEASE, assert_each_ran, enqueue_work},
+    fleet::{CONCURRENCY, Fleet, HELD_PER_WORKER, WORKER_LEASE, assert_each_ran, enqueue_work},
     harness::{Rng, ServerProcess, connect, scratch_dir, wait_until},
 };
 
@@ -63,9 +63,9 @@ async fn randomly_killed_workers_lose_nothing_and_repeat_only_what_they_held() {
     let runs = fleet.executions();
     let executions = assert_each_ran(&ids, &runs);
     let duplicates = executions - ITEMS;
-    // Only items a killed worker held (in work, or granted in a Lease reply it never read) can
-    // run again, and a worker holds at most its concurrency.
-    let bound = kills * CONCURRENCY;
+    // Only items a killed worker held (in work, done but not yet acknowledged, or granted in a
+    // Lease reply it never read) can run again.
+    let bound = kills * HELD_PER_WORKER;
     assert!(
         duplicates <= bound,
         "{duplicates} repeated executions, but {kills} kills explain at most {bound}"
@@ -154,7 +154,7 @@ async fn a_killed_broker_replica_loses_nothing_and_its_workers_resume_after_its_
     let duplicates = executions - ITEMS;
     // Only the items that the killed broker's workers held can run twice: those whose
     // Complete could not get through before the reports gave up.
-    let bound = WORKERS_PER_BROKER * CONCURRENCY;
+    let bound = WORKERS_PER_BROKER * HELD_PER_WORKER;
     assert!(
         duplicates <= bound,
         "{duplicates} repeated executions; the killed broker's workers held at most {bound}"

@@ -22,6 +22,12 @@ const RECORD_AND_SLEEP: &str =
 /// Slots per worker process in every scenario.
 pub(super) const CONCURRENCY: usize = 4;
 
+/// Most items one worker holds unacknowledged: its running items, and as many more whose
+/// handler is done but whose Complete is still on its way (a slot is given back when its
+/// handler ends and its report goes on in the background; see worker/src/worker.rs), so
+/// twice its slots. Only these can run again when a worker or Redis fails.
+pub(super) const HELD_PER_WORKER: usize = 2 * CONCURRENCY;
+
 /// Lease duration of every worker. Long enough that a worker on a loaded machine keeps its
 /// leases by heartbeat (so repeats come from the injected faults only), short enough that a
 /// dead worker's items come back quickly.

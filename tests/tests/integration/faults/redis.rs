@@ -12,7 +12,7 @@ use tonic::Code;
 use wq_tests::{health::ServingStatus, *};
 
 use super::{
-    fleet::{CONCURRENCY, Fleet, assert_each_ran, enqueue_work, work_time},
+    fleet::{CONCURRENCY, Fleet, HELD_PER_WORKER, assert_each_ran, enqueue_work, work_time},
     harness::{Rng, scratch_dir, wait_until, within},
 };
 
@@ -273,9 +273,9 @@ async fn frozen_redis_under_load_bounds_every_call_and_loses_nothing() {
     );
     let executions = assert_each_ran(&ids, &fleet.executions());
     let duplicates = executions - ITEMS;
-    // Only items in work when Redis froze can run twice (their leases ran out meanwhile, or
-    // their Complete timed out).
-    let bound = WORKERS * CONCURRENCY;
+    // Only items the workers held when Redis froze can run twice (their leases ran out
+    // meanwhile, or their Complete timed out).
+    let bound = WORKERS * HELD_PER_WORKER;
     assert!(
         duplicates <= bound,
         "{duplicates} repeated executions; the workers held at most {bound} items"
