@@ -5,11 +5,12 @@ use std::time::{Duration, Instant};
 
 use wq_tests::*;
 
-#[tokio::test]
-async fn writes_are_acknowledged_once_the_replica_has_them_and_unavailable_without_it() {
+/// A master, a replica that follows it, and a broker whose writes wait for that replica
+/// (`--redis-wait-replicas 1`, 300 ms).
+async fn master_replica_and_waiting_broker() -> (RedisProcess, RedisProcess, Broker) {
     let master = redis().await;
     let port = master.port().to_string();
-    let mut replica = RedisProcess::start_with(&["--save", "", "--replicaof", "127.0.0.1", &port])
+    let replica = RedisProcess::start_with(&["--save", "", "--replicaof", "127.0.0.1", &port])
         .await
         .expect("a replica");
     eventually("the replica follows the master", async || {
@@ -28,6 +29,12 @@ async fn writes_are_acknowledged_once_the_replica_has_them_and_unavailable_witho
         ..test_config()
     };
     let broker = Broker::start_with(&master.url(), config).await;
+    (master, replica, broker)
+}
+
+#[tokio::test]
+async fn writes_are_acknowledged_once_the_replica_has_them_and_unavailable_without_it() {
+    let (_master, mut replica, broker) = master_replica_and_waiting_broker().await;
     let mut client = broker.client().await;
 
     // Every acknowledged write is on the replica when the call returns.
@@ -74,27 +81,7 @@ async fn writes_are_acknowledged_once_the_replica_has_them_and_unavailable_witho
 /// still answers RESOURCE_EXHAUSTED, not INTERNAL (the write and its WAIT are one pipeline).
 #[tokio::test]
 async fn a_full_redis_answers_resource_exhausted_while_writes_wait_for_replicas() {
-    let master = redis().await;
-    let port = master.port().to_string();
-    let replica = RedisProcess::start_with(&["--save", "", "--replicaof", "127.0.0.1", &port])
-        .await
-        .expect("a replica");
-    eventually("the replica follows the master", async || {
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut redis_conn(&replica).await)
-            .await
-            .unwrap_or_default();
-        info.contains("master_link_status:up")
-    })
-    .await;
-    let config = BrokerConfig {
-        redis_timeout: Duration::from_secs(2),
-        redis_wait_replicas: 1,
-        redis_wait_timeout: Duration::from_millis(300),
-        ..test_config()
-    };
-    let broker = Broker::start_with(&master.url(), config).await;
+    let (master, _replica, broker) = master_replica_and_waiting_broker().await;
     let mut client = broker.client().await;
     enqueue(&mut client, "q", vec![item("x")]).await;
     let mut admin = redis_conn(&master).await;
