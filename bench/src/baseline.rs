@@ -46,7 +46,7 @@ pub(crate) async fn run(
         .await
         .context("loading complete.lua")?;
     let keys = keys::QueueKeys::new(&config.key_prefix, queue);
-    let channel = keys::notify_channel(&config.key_prefix);
+    let channel = keys.notify.clone();
     let lease_ms = u64::try_from(config.default_lease.as_millis()).unwrap_or(u64::MAX);
     let retention_ms = u64::try_from(config.completed_retention.as_millis()).unwrap_or(u64::MAX);
 

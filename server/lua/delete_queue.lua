@@ -25,5 +25,5 @@ end
 redis.call('SADD', K.trash, generation)
 redis.call('DEL', K.heads, K.meta)
 redis.call('HSET', K.meta, 'g', tonumber(generation) + 1)
-redis.call('PUBLISH', channel, '0:' .. queue)
+redis.call('SPUBLISH', channel, '0:' .. queue)
 return {items, tonumber(generation)}

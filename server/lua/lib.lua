@@ -16,7 +16,8 @@
   KEYS[8] <prefix>:{<queue>}:trash    set of item generations still being deleted
 
   ARGV[1] item key base, <prefix>:{<queue>}:i
-  ARGV[2] notification channel        ARGV[3] queue name
+  ARGV[2] notification shard channel, <prefix>:{<queue>}:notify (SPUBLISH)
+  ARGV[3] queue name
   ARGV[4] how long finished ids stay known (ms): the dedup window, or the completed-item
           retention if longer (0 = not at all)
   ARGV[5] most items one bulk step moves (--reap-batch)
@@ -229,7 +230,7 @@ end
 -- its waiters could lease nothing (resuming wakes them).
 local function notify_ready(count)
   if count > 0 and redis.call('HGET', K.meta, 'paused') ~= '1' then
-    redis.call('PUBLISH', channel, count .. ':' .. queue)
+    redis.call('SPUBLISH', channel, count .. ':' .. queue)
   end
 end
 
@@ -242,7 +243,7 @@ end
 -- drained queue learn it at once instead of at the end of their wait.
 local function notify_if_drained()
   if is_drained() then
-    redis.call('PUBLISH', channel, '0:' .. queue)
+    redis.call('SPUBLISH', channel, '0:' .. queue)
   end
 end
 

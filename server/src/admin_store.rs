@@ -70,7 +70,7 @@ impl Store {
             QueueFlag::Sealed => "sealed",
         })
         .arg(if on { "1" } else { "0" });
-        let reply = reply::array("set_flag", self.invoke_write(&call).await?)?;
+        let reply = reply::array("set_flag", self.invoke_write(queue, &call).await?)?;
         let [ready, exists]: [Value; 2] = reply
             .try_into()
             .map_err(|_| Error::Internal("set_flag reply has the wrong length".into()))?;
@@ -101,7 +101,7 @@ impl Store {
                     }
                 }
             }
-            let (count, more) = count_and_more("requeue", self.invoke_write(&call).await?)?;
+            let (count, more) = count_and_more("requeue", self.invoke_write(queue, &call).await?)?;
             total += count;
             if !more {
                 break;
@@ -121,7 +121,7 @@ impl Store {
             for state in states {
                 call.arg(state.code());
             }
-            let (count, more) = count_and_more("purge", self.invoke_write(&call).await?)?;
+            let (count, more) = count_and_more("purge", self.invoke_write(queue, &call).await?)?;
             total += count;
             if !more {
                 break;
@@ -140,7 +140,8 @@ impl Store {
     /// step is done: the reaper deletes what is left.
     pub async fn delete_queue(&self, queue: &str) -> Result<u64> {
         let call = self.queue_call(&self.scripts().delete_queue, queue);
-        let (deleted, _generation) = count_and_more("delete", self.invoke_write(&call).await?)?;
+        let (deleted, _generation) =
+            count_and_more("delete", self.invoke_write(queue, &call).await?)?;
         self.delete_trash(queue).await?;
         self.unindex(queue).await?;
         Ok(deleted)
@@ -153,7 +154,7 @@ impl Store {
     pub async fn delete_trash(&self, queue: &str) -> Result<()> {
         for _ in 0..MAX_CHUNKS {
             let call = self.queue_call(&self.scripts().delete_trash, queue);
-            let (_, more) = count_and_more("delete_trash", self.invoke_write(&call).await?)?;
+            let (_, more) = count_and_more("delete_trash", self.invoke_write(queue, &call).await?)?;
             if !more {
                 break;
             }

@@ -262,42 +262,16 @@ pub(crate) fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_millis(500))
 }
 
-/// Where the notification listener subscribes (see [`crate::notify`]): a classic `PUBLISH`
-/// from a script reaches subscribers on every node of a cluster and every replica of a master,
-/// so any node that answers will do.
+/// Where the wake-up subscriptions are made (see [`crate::wakeups`]).
 #[derive(Debug, Clone)]
 pub enum Subscribers {
     /// The one server.
     Server(Box<redis::Client>),
-    /// The cluster's nodes, tried in turn: the one that held the subscription may be gone.
+    /// The cluster, given by some of its nodes: each queue's channel is subscribed on the node
+    /// serving its slot.
     Nodes(Vec<ConnectionInfo>),
     /// The master the sentinels name at the time.
     Sentinel(Arc<SentinelMaster>),
-}
-
-impl Subscribers {
-    /// The client for the `attempt`-th subscription since start-up.
-    ///
-    /// # Errors
-    /// When no sentinel names a master.
-    pub async fn client(&self, attempt: usize) -> redis::RedisResult<redis::Client> {
-        match self {
-            Self::Server(client) => Ok(client.as_ref().clone()),
-            Self::Nodes(nodes) => {
-                let node = nodes
-                    .get(attempt % nodes.len().max(1))
-                    .cloned()
-                    .ok_or_else(|| {
-                        redis::RedisError::from((
-                            redis::ErrorKind::InvalidClientConfig,
-                            "no cluster nodes to subscribe on",
-                        ))
-                    })?;
-                redis::Client::open(node)
-            }
-            Self::Sentinel(master) => master.master_client().await,
-        }
-    }
 }
 
 impl ConnectionLike for RedisConnection {

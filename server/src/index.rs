@@ -73,7 +73,7 @@ impl Store {
     ) -> Result<Value> {
         let invoked = async {
             match ack {
-                Ack::Replicas => self.invoke_write(call).await,
+                Ack::Replicas => self.invoke_write(queue, call).await,
                 Ack::Primary => self.invoke(call).await,
             }
         };

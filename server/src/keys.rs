@@ -31,6 +31,9 @@ pub struct QueueKeys {
     /// Prefix of the item hashes of generation 0 (a queue never deleted): the item key is this
     /// followed by the item id.
     pub item_prefix: String,
+    /// The shard channel the queue's scripts announce ready items on (see
+    /// [`notify_channel`]).
+    pub notify: String,
 }
 
 impl QueueKeys {
@@ -48,6 +51,7 @@ impl QueueKeys {
             trash: format!("{base}:trash"),
             item_base: format!("{base}:i"),
             item_prefix: format!("{base}:i:"),
+            notify: notify_channel(prefix, queue),
         }
     }
 
@@ -92,9 +96,11 @@ pub fn legacy_queue_registry(prefix: &str) -> String {
     format!("{prefix}:queues")
 }
 
-/// The pub/sub channel on which scripts announce newly ready items as `<count>:<queue>`.
-pub fn notify_channel(prefix: &str) -> String {
-    format!("{prefix}:notify")
+/// The shard channel (`SPUBLISH`) on which `queue`'s scripts announce newly ready items as
+/// `<count>:<queue>`, and its drain as `0:<queue>`. It has the queue's hash tag, so on a cluster
+/// the message stays inside the queue's shard, and a script may publish it.
+pub fn notify_channel(prefix: &str, queue: &str) -> String {
+    format!("{prefix}:{{{queue}}}:notify")
 }
 
 #[cfg(test)]
@@ -121,6 +127,7 @@ mod tests {
             let slot = get_slot(keys.ready.as_bytes());
             assert_eq!(slot, get_slot(format!("{{{queue}}}").as_bytes()));
             let built_in_lua = [
+                keys.notify.clone(),
                 keys.item("some-id"),
                 keys.item_prefix_of(7) + "some-id",
                 format!("{}:trash:3", keys.ready),

@@ -100,6 +100,7 @@ pub async fn lease_or_wait(
         if waiting_slot.is_none() {
             // Held until the call ends: each waiter costs a task, a timer and a Notify entry.
             waiting_slot = Some(waiting.try_acquire()?);
+            notifier.parked(&call.queue);
         }
         let mut wake_at = match recheck {
             Some(recheck) => deadline.min(now + recheck),

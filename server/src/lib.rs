@@ -54,6 +54,7 @@ mod subscription;
 pub mod tls;
 pub mod validate;
 pub mod waiting;
+pub mod wakeups;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -69,7 +70,7 @@ use wq_proto::v1::{
 use crate::{
     admin::Admin,
     config::BrokerConfig,
-    connection::{RedisConnection, RedisMode, RedisTarget},
+    connection::{RedisConnection, RedisTarget},
     notify::Notifier,
     service::Broker,
     store::Store,
@@ -136,16 +137,6 @@ pub async fn serve(
     tracing::info!(mode = ?redis.mode(), nodes = %redis.describe(), "redis");
     let mut store = Store::new(conn.clone(), Arc::clone(&config));
     if config.redis_wait_replicas > 0 {
-        if redis.mode() == RedisMode::Cluster {
-            // redis-rs' cluster client resends a command on a new connection after a reconnect
-            // and follows ASK to another node, so a WAIT could count another connection's
-            // writes: an acknowledgement that covers nothing.
-            return Err(ServeError::Config(
-                "--redis-wait-replicas is not supported with --redis-mode cluster yet: the \
-                 cluster client cannot keep a write and its WAIT on one connection"
-                    .into(),
-            ));
-        }
         store = store.with_replicated_writes(replicated::ReplicatedWrites::new(
             &redis,
             &conn,
@@ -171,9 +162,9 @@ pub async fn serve(
             HEALTH_INTERVAL,
             stop.clone(),
         )),
-        tokio::spawn(notify::listen(
+        tokio::spawn(wakeups::run(
             subscribers,
-            store.notify_channel().to_owned(),
+            config.key_prefix.clone(),
             Arc::clone(&notifier),
             config.redis_timeout,
             stop.clone(),

@@ -1,17 +1,14 @@
-//! Long-poll wake-ups. Scripts that make items ready publish `<count>:<queue>` on the broker's
-//! channel; one subscriber task per broker process turns each message into in-process
-//! notifications for the Lease calls waiting on that queue, so idle waiters never poll Redis.
+//! Long-poll wake-ups inside one broker process: the wake-up points of the Lease calls waiting
+//! on each queue. Scripts that make items ready publish `<count>:<queue>` on the queue's
+//! channel, and [`crate::wakeups`] turns each message into a wake-up here, so idle waiters
+//! never poll Redis.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     sync::{Arc, Mutex, Weak},
-    time::Duration,
 };
 
 use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
-
-use crate::{connection::Subscribers, subscription::Subscription};
 
 /// Most waiters one message wakes (a batch of thousands of items need not wake more).
 const MAX_WAKE_PER_MESSAGE: u64 = 1024;
@@ -30,6 +27,10 @@ pub struct QueueWatch {
 #[derive(Debug, Default)]
 pub struct Notifier {
     queues: Mutex<HashMap<String, Weak<QueueWatch>>>,
+    /// Queues on which a Lease call started to wait since the subscriptions last looked (see
+    /// [`crate::wakeups`]).
+    parked: Mutex<HashSet<String>>,
+    parked_changed: Notify,
 }
 
 impl Notifier {
@@ -86,66 +87,43 @@ impl Notifier {
         }
     }
 
-    /// Wakes every waiter of every queue, after notifications may have been missed.
-    pub fn wake_all(&self) {
-        let live: Vec<Arc<QueueWatch>> = match self.queues.lock() {
-            Ok(queues) => queues.values().filter_map(Weak::upgrade).collect(),
-            Err(_) => return,
-        };
-        for watch in live {
+    /// Says that a Lease call parks on `queue`, so that its wake-ups are subscribed to.
+    pub fn parked(&self, queue: &str) {
+        if let Ok(mut parked) = self.parked.lock()
+            && parked.insert(queue.to_owned())
+        {
+            self.parked_changed.notify_one();
+        }
+    }
+
+    /// Waits until [`Notifier::parked`] was called.
+    pub async fn parked_queues_changed(&self) {
+        self.parked_changed.notified().await;
+    }
+
+    /// The queues parked on since the last call.
+    pub fn take_parked(&self) -> Vec<String> {
+        match self.parked.lock() {
+            Ok(mut parked) => parked.drain().collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Wakes every waiter of `queue` to look for itself, after its notifications may have been
+    /// missed.
+    pub fn wake_everyone(&self, queue: &str) {
+        if let Some(watch) = self.get(queue) {
             watch.ready.notify_waiters();
             watch.drained.notify_waiters();
         }
     }
 }
 
-/// Parses a notification message `<count>:<queue>`.
-fn parse_message(payload: &[u8]) -> Option<(u64, &str)> {
-    let text = std::str::from_utf8(payload).ok()?;
-    let (count, queue) = text.split_once(':')?;
-    Some((count.parse().ok()?, queue))
-}
-
-/// Subscribes to the notification channel until `stop`, reconnecting with backoff (on a
-/// cluster, to the next node). After every (re)subscription all waiters re-check, since
-/// messages sent meanwhile are lost.
-pub async fn listen(
-    subscribers: Subscribers,
-    channel: String,
-    notifier: Arc<Notifier>,
-    connect_timeout: Duration,
-    stop: CancellationToken,
-) {
-    let subscription = Subscription {
-        what: "ready notifications",
-        channels: &[channel.as_str()],
-        timeout: connect_timeout,
-        max_backoff: Duration::from_secs(2),
-    };
-    subscription
-        .keep(
-            |attempt| subscribers.client(attempt),
-            || notifier.wake_all(),
-            |_, payload| {
-                if let Some((count, queue)) = parse_message(payload) {
-                    notifier.wake(queue, count);
-                }
-            },
-            &stop,
-        )
-        .await;
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::time::Duration;
 
-    #[test]
-    fn parses_count_and_queue() {
-        assert_eq!(parse_message(b"3:job2"), Some((3, "job2")));
-        assert_eq!(parse_message(b"x:job2"), None);
-        assert_eq!(parse_message(b"nocolon"), None);
-    }
+    use super::*;
 
     #[tokio::test]
     async fn wake_reaches_a_registered_waiter_and_stale_queues_are_forgotten() {

@@ -36,7 +36,6 @@ pub struct Store {
     conn: RedisConnection,
     scripts: Scripts,
     config: Arc<BrokerConfig>,
-    channel: String,
     /// The queue index (see [`keys::queue_index`]).
     pub(crate) index: String,
     /// Bounds the Redis calls in flight, so a slow Redis cannot pile up unbounded work here.
@@ -56,7 +55,6 @@ impl Store {
         Self {
             conn,
             scripts: Scripts::new(),
-            channel: keys::notify_channel(&config.key_prefix),
             index: keys::queue_index(&config.key_prefix),
             in_flight: Semaphore::new(config.max_redis_in_flight),
             lease_line: Arc::new(LeaseLine::new(config.max_lease_items as usize)),
@@ -72,11 +70,6 @@ impl Store {
     pub fn with_replicated_writes(mut self, writes: ReplicatedWrites) -> Self {
         self.replicated = Some(writes);
         self
-    }
-
-    /// The pub/sub channel the scripts publish ready notifications on.
-    pub fn notify_channel(&self) -> &str {
-        &self.channel
     }
 
     pub(crate) fn keys(&self, queue: &str) -> QueueKeys {
@@ -105,10 +98,14 @@ impl Store {
     /// extension or release only lets an item be delivered again, which at-least-once delivery
     /// allows anyway, so those use [`Store::invoke`]: waiting would strand the items of a Lease
     /// whose wait failed.
-    pub(crate) async fn invoke_write(&self, call: &redis::ScriptInvocation<'_>) -> Result<Value> {
+    pub(crate) async fn invoke_write(
+        &self,
+        queue: &str,
+        call: &redis::ScriptInvocation<'_>,
+    ) -> Result<Value> {
         match &self.replicated {
             None => self.invoke(call).await,
-            Some(writes) => self.bounded(writes.invoke(call)).await,
+            Some(writes) => self.bounded(writes.invoke(queue, call)).await,
         }
     }
 
@@ -168,13 +165,8 @@ impl Store {
         script: &'a redis::Script,
         queue: &str,
     ) -> redis::ScriptInvocation<'a> {
-        queue_invocation(
-            script,
-            &self.keys(queue),
-            &self.channel,
-            queue,
-            &self.config,
-        )
+        let keys = self.keys(queue);
+        queue_invocation(script, &keys, &keys.notify, queue, &self.config)
     }
 
     /// Enqueues a validated batch; returns the duplicate flag of each item.
@@ -367,7 +359,7 @@ impl Store {
         }
         let kept = self.config.finished_ids_kept();
         if kept.is_zero() {
-            let reply = reply::array("complete", self.invoke_write(&call).await?)?;
+            let reply = reply::array("complete", self.invoke_write(queue, &call).await?)?;
             return reply::flags("complete flags", &reply);
         }
         // The ids finished now are forgotten by the reaper when their window ends.
@@ -407,7 +399,7 @@ impl Store {
             .arg(millis(self.config.backoff_cap))
             .arg(jitter)
             .arg(u8::from(dead_letter));
-        let reply = reply::array("fail", self.invoke_write(&call).await?)?;
+        let reply = reply::array("fail", self.invoke_write(queue, &call).await?)?;
         let [ok, state, next]: [Value; 3] = reply
             .try_into()
             .map_err(|_| Error::Internal("fail reply has the wrong length".into()))?;

@@ -173,6 +173,24 @@ impl RedisCluster {
         panic!("no node knows who serves slot {slot} of {queue}");
     }
 
+    /// The index in [`RedisCluster::nodes`] of the replica that follows the master
+    /// `nodes[master]`.
+    pub async fn replica_of(&self, master: usize) -> usize {
+        let info: String = node_query(&self.nodes[master], redis::cmd("INFO").arg("replication"))
+            .await
+            .expect("INFO replication of a master");
+        let port = info
+            .lines()
+            .find_map(|line| line.strip_prefix("slave0:"))
+            .and_then(|replica| replica.split(',').find_map(|kv| kv.strip_prefix("port=")))
+            .and_then(|port| port.trim().parse::<u16>().ok())
+            .expect("the master has a replica");
+        self.nodes
+            .iter()
+            .position(|node| node.port() == port)
+            .expect("the replica is one of the nodes")
+    }
+
     /// The slot of `queue`'s keys (`CLUSTER KEYSLOT`).
     pub async fn slot_of(&self, queue: &str) -> u16 {
         for node in self.nodes.iter().filter(|node| node.pid().is_some()) {

@@ -113,6 +113,7 @@ async fn delayed_and_not_before_items_stay_invisible_until_due() {
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock after 1970");
     let at = now + Duration::from_millis(400);
+    let enqueued_at = std::time::Instant::now();
     enqueue(
         &mut client,
         "q",
@@ -154,7 +155,12 @@ async fn delayed_and_not_before_items_stay_invisible_until_due() {
         got.extend(reply.items);
     }
     assert_eq!(got.len(), 2);
-    assert!(started.elapsed() >= Duration::from_millis(250));
+    // Due 300 ms after the enqueue by Redis's clock (whole ms), never before.
+    assert!(
+        enqueued_at.elapsed() >= Duration::from_millis(299),
+        "{:?}",
+        enqueued_at.elapsed()
+    );
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "{:?}",

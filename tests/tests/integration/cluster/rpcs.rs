@@ -191,7 +191,8 @@ async fn every_rpc_works_on_queues_of_every_master_through_both_brokers() {
 }
 
 /// A Lease waiting in one broker wakes within tens of milliseconds of an enqueue through the
-/// other, for a queue on each master: a script's PUBLISH reaches every node of the cluster.
+/// other, for a queue on each master: a script's SPUBLISH reaches the broker subscribed on the
+/// queue's shard.
 #[tokio::test]
 async fn an_enqueue_through_one_broker_wakes_a_waiter_in_the_other_on_every_master() {
     // The reaper's safety net for lost notifications comes only every 10 s here.
@@ -226,27 +227,65 @@ async fn an_enqueue_through_one_broker_wakes_a_waiter_in_the_other_on_every_mast
     }
 }
 
-/// `--redis-wait-replicas` is refused on a cluster, with the reason: the cluster client cannot
-/// keep a write and its `WAIT` on one connection, so an acknowledgement could cover nothing.
+/// With `--redis-wait-replicas 1` on a cluster, each write is acknowledged once its own shard's
+/// replica has it; while one shard's replica is frozen, that shard's writes answer UNAVAILABLE
+/// (saying the replica did not confirm) and the other shards' writes go on.
 #[tokio::test]
-async fn waiting_for_replicas_is_refused_on_a_cluster() {
+async fn writes_wait_for_the_replica_of_their_own_shard() {
     let cluster = RedisCluster::start().await;
     let config = BrokerConfig {
         redis_wait_replicas: 1,
-        redis_wait_timeout: Duration::from_secs(1),
+        redis_wait_timeout: Duration::from_millis(500),
         ..cluster_config()
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+    let broker = Broker::start_on(cluster.target(), config).await;
+    let mut client = broker.client().await;
+    let keys_of = |queue: &str| wq_server::keys::QueueKeys::new(&test_config().key_prefix, queue);
+    for queue in RedisCluster::queue_per_master() {
+        enqueue(&mut client, queue, vec![item_with_id("acked", "x")]).await;
+        // Read on the replica itself, right after the acknowledgement.
+        let replica = cluster.replica_of(cluster.master_of(queue).await).await;
+        let (exists,): (u32,) = redis::pipe()
+            .cmd("READONLY")
+            .ignore()
+            .cmd("EXISTS")
+            .arg(keys_of(queue).item("acked"))
+            .query_async(&mut redis_conn(&cluster.nodes[replica]).await)
+            .await
+            .expect("EXISTS on the replica");
+        assert_eq!(
+            exists, 1,
+            "the replica of {queue}'s master has the acknowledged item"
+        );
+    }
+
+    let [frozen_queue, other_queue, _] = RedisCluster::queue_per_master();
+    let replica = cluster
+        .replica_of(cluster.master_of(frozen_queue).await)
+        .await;
+    let pid = cluster.nodes[replica].pid().expect("replica runs");
+    signal(pid, "-STOP");
+    let refused = client
+        .enqueue(pb::EnqueueRequest {
+            queue: frozen_queue.into(),
+            items: vec![item("unconfirmed")],
+        })
         .await
-        .expect("a port");
-    let refused = wq_server::serve(listener, cluster.target(), config, std::future::pending())
-        .await
-        .expect_err("refused at start");
-    let message = refused.to_string();
+        .expect_err("no replica confirms");
+    let other = client
+        .enqueue(pb::EnqueueRequest {
+            queue: other_queue.into(),
+            items: vec![item("confirmed")],
+        })
+        .await;
+    signal(pid, "-CONT");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(
-        message.contains("--redis-wait-replicas") && message.contains("cluster"),
-        "{message}"
+        refused.message().contains("--redis-wait-replicas"),
+        "{}",
+        refused.message()
     );
+    assert!(other.is_ok(), "another shard's write: {other:?}");
 }
 
 /// Two idle brokers on a cluster cost its nodes next to nothing: each reaper reads the queue

@@ -206,7 +206,7 @@ impl CaseRun {
     /// against the model's prediction (which the model applies): nothing is left to reclaim or
     /// promote, `dropped` dead letters were dropped. Returns whether the queue was forgotten.
     async fn reap_directly(&mut self, queue: Queue, dropped: i64) -> Result<bool, TestCaseError> {
-        let channel = keys::notify_channel(&self.key_prefix);
+        let channel = keys::notify_channel(&self.key_prefix, &self.queues[queue.index()].name);
         let model = &mut self.queues[queue.index()];
         let call = queue_invocation(
             &self.scripts.reap,
@@ -292,7 +292,7 @@ impl CaseRun {
         queue: Queue,
         deletion: Deletion,
     ) -> TestCaseResult {
-        let channel = keys::notify_channel(&self.key_prefix);
+        let channel = keys::notify_channel(&self.key_prefix, &self.queues[queue.index()].name);
         let model = &mut self.queues[queue.index()];
         let name = model.name.clone();
         let live: Vec<String> = model
