@@ -5,18 +5,7 @@ use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 
-use crate::{
-    coalesce::Coalescer,
-    error::Result,
-    lease_id::LeaseId,
-    store::{LeaseBatch, Store},
-};
-
-/// Lease calls waiting to be combined, by queue and lease duration (ms): one script call
-/// grants one duration.
-pub(crate) type LeaseLine = Coalescer<(String, u64), u32, LeaseBatch>;
-/// Complete calls waiting to be combined, by queue.
-pub(crate) type CompleteLine = Coalescer<String, Vec<(LeaseId, Bytes)>, Vec<bool>>;
+use crate::{error::Result, lease_id::LeaseId, model::LeaseBatch, store::Store};
 
 impl Store {
     /// Leases up to `max_items` items for `lease`, in one script call with the other Lease

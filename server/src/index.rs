@@ -12,21 +12,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::Value;
 
-use crate::{error::Result, keys, reply, store::Store};
+use crate::{
+    error::Result,
+    keys, reply,
+    store::{Ack, Store},
+};
 
 /// Longest a queue goes unvisited: the claim period of a visit, and the visit of a queue with
 /// nothing due. It bounds the harm of a need lost with a crashed broker between its script and
 /// its index update.
 const LONGEST_UNVISITED: Duration = Duration::from_secs(3600);
-
-/// Whose confirmation a script's write waits for (see [`Store::invoke_write`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Ack {
-    /// The replicas', with `--redis-wait-replicas`.
-    Replicas,
-    /// The master's alone.
-    Primary,
-}
 
 impl Store {
     /// This process's clock in Unix ms, for index scores only: the reaper recomputes every

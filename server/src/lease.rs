@@ -18,8 +18,9 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     error::{Error, Result},
     lease_id::LeaseId,
+    model::LeaseBatch,
     notify::Notifier,
-    store::{LeaseBatch, Store},
+    store::Store,
     waiting::Claim,
 };
 

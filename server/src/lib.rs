@@ -248,7 +248,7 @@ pub async fn serve(
     let gate = tokens.map(|tokens| {
         ValidateRequestHeaderLayer::custom(auth::Gate::new(tokens, config.security.reflection))
     });
-    let with_reflection = config.security.reflection != auth::ReflectionAccess::Off;
+    let with_reflection = config.security.reflection != config::ReflectionAccess::Off;
     let server = builder
         .layer(limits::MeterLayer::new(budget))
         .layer(tower::util::MapResponseLayer::new(

@@ -16,8 +16,9 @@ use crate::{
     error::{Error, Result},
     lease::{self, LeaseCall},
     lease_id::LeaseId,
+    model::{FailOutcome, QueueSnapshot},
     notify::Notifier,
-    store::{FailOutcome, QueueSnapshot, Store},
+    store::Store,
     validate,
     waiting::WaitingLimits,
 };

@@ -14,20 +14,16 @@ use redis::Value;
 use tokio::sync::Semaphore;
 
 use crate::{
-    combined::{CompleteLine, LeaseLine},
+    coalesce::Coalescer,
     config::BrokerConfig,
     connection::RedisConnection,
     error::{Error, Result},
-    index::Ack,
     keys::{self, QueueKeys},
     lease_id::LeaseId,
+    model::{Due, FailOutcome, Granted, LeaseBatch, NewItem, QueueSnapshot, ReapOutcome},
     replicated::ReplicatedWrites,
     reply,
     scripts::{Scripts, millis, queue_invocation},
-};
-
-pub use crate::model::{
-    Due, FailOutcome, Granted, LeaseBatch, NewItem, QueueSnapshot, ReapOutcome,
 };
 
 /// The broker's handle on Redis. Cheap to share behind an `Arc`.
@@ -47,6 +43,21 @@ pub struct Store {
     pub(crate) complete_line: Arc<CompleteLine>,
     /// With `--redis-wait-replicas`, the connections writes wait for their replicas on.
     replicated: Option<ReplicatedWrites>,
+}
+
+/// Lease calls waiting to be combined, by queue and lease duration (ms): one script call
+/// grants one duration.
+pub(crate) type LeaseLine = Coalescer<(String, u64), u32, LeaseBatch>;
+/// Complete calls waiting to be combined, by queue.
+pub(crate) type CompleteLine = Coalescer<String, Vec<(LeaseId, Bytes)>, Vec<bool>>;
+
+/// Whose confirmation a script's write waits for (see [`Store::invoke_write`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ack {
+    /// The replicas', with `--redis-wait-replicas`.
+    Replicas,
+    /// The master's alone.
+    Primary,
 }
 
 impl Store {
