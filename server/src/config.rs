@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, ValueEnum};
 
-use crate::connection::RedisMode;
+use crate::store::connection::RedisMode;
 
 /// Command-line configuration of `wq-server`.
 #[derive(Debug, Clone, Parser)]

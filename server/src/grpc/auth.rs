@@ -47,7 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status, body::Body};
 use wq_proto::v1 as pb;
 
-use crate::validate;
+use crate::grpc::validate;
 
 /// A flag value, so it lives in [`crate::config`]; kept here for its public path.
 pub use crate::config::ReflectionAccess;

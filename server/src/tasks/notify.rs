@@ -11,7 +11,7 @@ use std::{
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::{connection::Subscribers, subscription::Subscription};
+use crate::store::connection::{Subscribers, subscription::Subscription};
 
 /// Most waiters one message wakes (a batch of thousands of items need not wake more).
 const MAX_WAKE_PER_MESSAGE: u64 = 1024;

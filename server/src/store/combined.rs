@@ -1,5 +1,5 @@
 //! Lease and Complete as the handlers call them: concurrent calls on one queue are combined
-//! into one script call (see [`crate::coalesce`]) and each caller gets its own share back.
+//! into one script call (see [`crate::store::coalesce`]) and each caller gets its own share back.
 
 use std::{sync::Arc, time::Duration};
 

@@ -1,6 +1,6 @@
 //! The queue index: which queues exist and when each next needs the reaper.
 //!
-//! One sorted set (see [`crate::keys::queue_index`]) holds every queue that holds anything,
+//! One sorted set (see [`crate::store::keys::queue_index`]) holds every queue that holds anything,
 //! scored by the Unix ms of its next reaper pass. Calls that create such a need lower the score
 //! with `ZADD LT`, sent beside their script call; the reaper claims due queues, visits them and
 //! lowers the score to the queue's next need (the claim moved it to the claim period first, so
@@ -14,8 +14,7 @@ use redis::Value;
 
 use crate::{
     error::Result,
-    keys, reply,
-    store::{Ack, Store},
+    store::{Ack, Store, keys, reply},
 };
 
 /// Longest a queue goes unvisited: the claim period of a visit, and the visit of a queue with

@@ -1,5 +1,5 @@
 //! A pub/sub subscription kept up until the broker stops: the notification listener's (see
-//! [`crate::notify`]) and the sentinel watchers' (see [`crate::sentinel`]). Subscribing is
+//! [`crate::tasks::notify`]) and the sentinel watchers' (see [`super::sentinel`]). Subscribing is
 //! retried with backoff; a lost subscription is renewed after a pause, so a server that drops
 //! every subscription at once cannot make the loop spin.
 

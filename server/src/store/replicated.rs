@@ -22,10 +22,11 @@ use redis::{ScriptInvocation, Value};
 use tokio::sync::Mutex;
 
 use crate::{
-    connection::{RedisConnection, RedisTarget},
     error::{Error, Result},
-    scripts::millis,
-    sentinel::SentinelMaster,
+    store::{
+        connection::{RedisConnection, RedisTarget, sentinel::SentinelMaster},
+        scripts::millis,
+    },
 };
 
 /// How many writes may wait for their replicas at once.
