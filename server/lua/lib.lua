@@ -1,6 +1,6 @@
 --[[
   Helpers shared by the wq queue scripts. This file is not a script of its own: the broker
-  prepends it to every script of one queue (see server/src/scripts.rs), so each operation stays
+  prepends it to every script of one queue (see server/src/store/scripts.rs), so each operation stays
   one atomic EVALSHA, and every such script gets the same keys and leading arguments:
 
   KEYS[1] <prefix>:{<queue>}:ready    sorted set of ready items (member format below)

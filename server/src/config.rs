@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, ValueEnum};
 
-use crate::{auth::ReflectionAccess, connection::RedisMode};
+use crate::store::connection::RedisMode;
 
 /// Command-line configuration of `wq-server`.
 #[derive(Debug, Clone, Parser)]
@@ -245,6 +245,18 @@ pub struct SecurityConfig {
     pub limits: crate::limits::ConnectionLimits,
 }
 
+/// Who may use server reflection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum ReflectionAccess {
+    /// Anyone (the schema is public anyway in most deployments).
+    Open,
+    /// Any caller with a valid token, whatever its role.
+    #[default]
+    Authenticated,
+    /// Not served at all.
+    Off,
+}
+
 impl Default for BrokerConfig {
     fn default() -> Self {
         // The clap defaults are the one source of truth for default values.
@@ -256,6 +268,9 @@ impl Default for BrokerConfig {
         Defaults::parse_from(["wq-server"]).broker
     }
 }
+
+/// Longest queue name, item id and worker id, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
 
 /// Reply bytes a leased item takes besides its payload, headers and id (lease id framing, times,
 /// counters), rounded up: the estimate behind `--max-reply-bytes`.
@@ -323,7 +338,7 @@ impl BrokerConfig {
         let largest_item = self
             .max_payload_bytes
             .saturating_add(self.max_header_bytes.saturating_mul(2))
-            .saturating_add(REPLY_BYTES_PER_ITEM + 5 * crate::validate::MAX_NAME_BYTES);
+            .saturating_add(REPLY_BYTES_PER_ITEM + 5 * MAX_NAME_BYTES);
         if largest_item > self.max_reply_bytes {
             return Err(format!(
                 "--max-reply-bytes ({}) must hold one item of --max-payload-bytes plus \

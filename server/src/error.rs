@@ -6,7 +6,7 @@ use tonic::{Code, Status};
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can make an RPC fail. Clone, so that one failed script call can answer every
-/// caller it served (see [`crate::coalesce`]).
+/// caller it served (see [`crate::store::coalesce`]).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The request is malformed; the message names the field. Nothing was written.

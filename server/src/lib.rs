@@ -5,56 +5,52 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: flags and limits.
-//! - [`service`]: the `wq.v1.WorkQueueService` handlers (validate, call the store, respond).
-//! - [`admin`], [`admin_store`]: the `wq.v1.QueueAdminService` handlers and their Redis side.
-//! - [`validate`]: request checks; errors name the field.
-//! - [`lease`]: Lease's waiting and release-on-cancel logic; [`delivery`]: release of items
-//!   whose Lease reply was not delivered.
-//! - [`store`], [`scripts`], [`keys`], [`reply`]: Redis access, one method per Lua script;
-//!   [`connection`], [`sentinel`]: the one connection they share, in each `--redis-mode`;
-//!   [`replicated`]: writes that wait for their replicas (`--redis-wait-replicas`);
-//!   [`index`]: the queue index that tells the reaper which queues need it when.
-//! - [`lease_id`]: the opaque lease handle; [`model`]: the data the store takes and returns.
-//! - [`notify`], [`reaper`], [`health`]: the background tasks; `subscription` keeps their
-//!   pub/sub subscriptions up.
-//! - [`error`]: the error enum and its gRPC mapping.
-//! - [`auth`]: bearer tokens, roles and queue patterns; [`tls`]: the listener's TLS settings.
-//! - [`limits`]: connections, streams, buffered bytes and timeouts against hostile callers;
-//!   [`waiting`]: fair limits on waiting Lease calls.
-//! - [`dev`]: a private `redis-server` for `--dev` and tests; [`shutdown`]: signals.
+//! A request passes the [`limits`], enters at [`grpc`] and is checked there, and reaches Redis
+//! only through [`store`]:
+//!
+//! - [`grpc`]: the gRPC face. [`grpc::service`] and [`grpc::admin`] hold the
+//!   `wq.v1.WorkQueueService` and `wq.v1.QueueAdminService` handlers (validate, call the store,
+//!   respond); [`grpc::validate`] the request checks, errors naming the field; [`grpc::auth`]
+//!   bearer tokens, roles and queue patterns, and [`grpc::tls`] the listener's TLS settings;
+//!   [`grpc::lease`] Lease's waiting and release-on-cancel logic, [`grpc::waiting`] fair limits
+//!   on waiting Lease calls, and [`grpc::delivery`] the release of items whose Lease reply was
+//!   not delivered.
+//! - [`limits`]: connections, streams, buffered bytes and timeouts against hostile callers,
+//!   enforced in front of every service.
+//! - [`store`]: Redis access, one method per Lua script, the queue administration
+//!   ([`store::admin`]) and the queue index that tells the reaper which queues need it when
+//!   ([`store::index`]); [`store::scripts`], [`store::keys`], [`store::reply`]: the scripts, their
+//!   keys and the decoding of their replies; [`store::connection`]: the one connection they all
+//!   share, in each `--redis-mode`; [`store::replicated`]: writes that wait for their replicas
+//!   (`--redis-wait-replicas`).
+//! - [`tasks`]: the background tasks, [`tasks::wakeups`] (with [`tasks::notify`]),
+//!   [`tasks::reaper`] and [`tasks::health`].
+//! - At the root, what every part shares: [`config`] (flags and limits), [`model`] (the data
+//!   the handlers and the store pass each other), [`lease_id`] (the opaque lease handle),
+//!   [`error`] (the error enum and its gRPC mapping). Also there: [`dev`], a private
+//!   `redis-server` for `--dev` and tests, and [`shutdown`], the signals that stop the binary.
 
-pub mod admin;
-pub mod admin_store;
-pub mod auth;
-mod coalesce;
-pub mod combined;
 pub mod config;
-pub mod connection;
-pub mod delivery;
 pub mod dev;
 pub mod error;
-pub mod health;
-pub mod index;
-pub mod keys;
-pub mod lease;
+pub mod grpc;
 pub mod lease_id;
 pub mod limits;
 pub mod model;
-pub mod notify;
-pub mod reaper;
-pub mod replicated;
-pub mod reply;
-pub mod scripts;
-pub mod sentinel;
-pub mod service;
 pub mod shutdown;
 pub mod store;
-mod subscription;
-pub mod tls;
-pub mod validate;
-pub mod waiting;
-pub mod wakeups;
+pub mod tasks;
+
+/// Kept at the root for its public path, `wq_server::auth`.
+pub use grpc::auth;
+/// Kept at the root for its public path, `wq_server::connection`.
+pub use store::connection;
+/// Kept at the root for its public path, `wq_server::keys`.
+pub use store::keys;
+/// Kept at the root for its public path, `wq_server::reply`.
+pub use store::reply;
+/// Kept at the root for its public path, `wq_server::scripts`.
+pub use store::scripts;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -68,12 +64,14 @@ use wq_proto::v1::{
 };
 
 use crate::{
-    admin::Admin,
     config::BrokerConfig,
-    connection::{RedisConnection, RedisTarget},
-    notify::Notifier,
-    service::Broker,
-    store::Store,
+    grpc::{admin::Admin, delivery, service::Broker, tls},
+    store::{
+        Store,
+        connection::{RedisConnection, RedisTarget},
+        replicated,
+    },
+    tasks::{health, notify::Notifier, reaper, wakeups},
 };
 
 /// How often the health monitor pings Redis.
@@ -239,7 +237,7 @@ pub async fn serve(
     let gate = tokens.map(|tokens| {
         ValidateRequestHeaderLayer::custom(auth::Gate::new(tokens, config.security.reflection))
     });
-    let with_reflection = config.security.reflection != auth::ReflectionAccess::Off;
+    let with_reflection = config.security.reflection != config::ReflectionAccess::Off;
     let server = builder
         .layer(limits::MeterLayer::new(budget))
         .layer(tower::util::MapResponseLayer::new(

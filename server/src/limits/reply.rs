@@ -12,7 +12,7 @@
 //! chunks of [`CHUNK_BYTES`], giving back what each chunk held when the transport asks for
 //! the next (it asks only once the last one has window to go).
 //!
-//! The chunks also serve [`crate::delivery`]: an unread Lease reply is not finished until its
+//! The chunks also serve [`crate::grpc::delivery`]: an unread Lease reply is not finished until its
 //! last chunk is handed over, so a caller that resets the stream first has its items released.
 
 use std::{

@@ -125,9 +125,9 @@ async fn thousands_of_idle_waiters_cost_little_and_leave_nothing_behind_when_the
     // The broker's default 2 s Redis timeout: the crowd woken at once below sends a thousand
     // Lease calls through the broker, and the timeout also counts a call's wait in the broker's
     // queue for its one Redis connection. Before concurrent Leases were combined into one script
-    // call (server/src/coalesce.rs), a debug build on this machine, busy with other tests, took
-    // longer than that and answered UNAVAILABLE although Redis was idle (this test needed 10 s);
-    // now it passes at 500 ms when run alone.
+    // call (server/src/store/coalesce.rs), a debug build on this machine, busy with other tests,
+    // took longer than that and answered UNAVAILABLE although Redis was idle (this test needed
+    // 10 s); now it passes at 500 ms when run alone.
     let server = ServerProcess::start(
         &redis.url(),
         dir.path(),
@@ -316,7 +316,7 @@ async fn thousands_of_idle_waiters_cost_little_and_leave_nothing_behind_when_the
 /// (`return_if_drained`). It once woke every waiter of the queue in every broker, and each re-ran
 /// the lease script: with 2000 idle waiters one Complete caused about 2000 scripts, and an
 /// unrelated client's next call waited 0.4–0.8 s behind them (debug build). Drain news now has
-/// its own wake-up point (`QueueWatch::drained`, server/src/notify.rs).
+/// its own wake-up point (`QueueWatch::drained`, server/src/tasks/notify.rs).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_queue_does_not_send_every_idle_waiter_back_to_redis() {
     const WAITERS: usize = 200;

@@ -7,14 +7,11 @@ use bytes::Bytes;
 use wq_proto::v1 as pb;
 
 use crate::{
-    config::BrokerConfig,
+    config::{BrokerConfig, MAX_NAME_BYTES},
     error::{Error, Result},
     lease_id::LeaseId,
-    store::{Due, NewItem},
+    model::{Due, NewItem},
 };
-
-/// Longest queue name, item id and worker id, in bytes.
-pub const MAX_NAME_BYTES: usize = 128;
 
 /// Longest `delay`, and furthest `not_before`, an item may have.
 pub const MAX_DELAY: Duration = Duration::from_secs(366 * 24 * 3600);

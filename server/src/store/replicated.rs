@@ -30,11 +30,12 @@ use redis::{
 use tokio::sync::Mutex;
 
 use crate::{
-    connection::{RedisConnection, RedisTarget},
     error::{Error, Result},
-    keys::QueueKeys,
-    scripts::millis,
-    sentinel::SentinelMaster,
+    store::{
+        connection::{RedisConnection, RedisTarget, sentinel::SentinelMaster},
+        keys::QueueKeys,
+        scripts::millis,
+    },
 };
 
 /// How many writes may wait for their replicas at once.

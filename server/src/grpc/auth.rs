@@ -42,13 +42,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use clap::ValueEnum;
 use subtle::ConstantTimeEq as _;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status, body::Body};
 use wq_proto::v1 as pb;
 
-use crate::validate;
+use crate::grpc::validate;
+
+/// A flag value, so it lives in [`crate::config`]; kept here for its public path.
+pub use crate::config::ReflectionAccess;
 
 /// Shortest token accepted in the file: guessing must stay out of reach.
 pub const MIN_TOKEN_BYTES: usize = 16;
@@ -366,18 +368,6 @@ impl TokenTable {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
-}
-
-/// Who may use server reflection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
-pub enum ReflectionAccess {
-    /// Anyone (the schema is public anyway in most deployments).
-    Open,
-    /// Any caller with a valid token, whatever its role.
-    #[default]
-    Authenticated,
-    /// Not served at all.
-    Off,
 }
 
 /// What a method requires.

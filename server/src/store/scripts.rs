@@ -7,7 +7,7 @@
 
 use redis::{Script, ScriptInvocation};
 
-use crate::{config::BrokerConfig, keys::QueueKeys};
+use crate::{config::BrokerConfig, store::keys::QueueKeys};
 
 // `#!lua` on the first line makes Redis 7 check, at run time, that a script touches no key
 // outside the slot of its declared keys; scripts without it may reach any key of the node they
@@ -16,9 +16,9 @@ macro_rules! script_with_lib {
     ($file:literal) => {
         Script::new(concat!(
             "#!lua\n",
-            include_str!("../lua/lib.lua"),
+            include_str!("../../lua/lib.lua"),
             "\n",
-            include_str!(concat!("../lua/", $file))
+            include_str!(concat!("../../lua/", $file))
         ))
     };
 }
@@ -73,7 +73,7 @@ impl Scripts {
             purge: script_with_lib!("purge.lua"),
             delete_queue: script_with_lib!("delete_queue.lua"),
             delete_trash: script_with_lib!("delete_trash.lua"),
-            due: Script::new(concat!("#!lua\n", include_str!("../lua/due.lua"))),
+            due: Script::new(concat!("#!lua\n", include_str!("../../lua/due.lua"))),
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The queue index: which queues exist and when each next needs the reaper.
 //!
-//! One sorted set (see [`crate::keys::queue_index`]) holds every queue that holds anything,
+//! One sorted set (see [`crate::store::keys::queue_index`]) holds every queue that holds anything,
 //! scored by the Unix ms of its next reaper pass. Calls that create such a need lower the score
 //! with `ZADD LT`, sent beside their script call; the reaper claims due queues, visits them and
 //! lowers the score to the queue's next need (the claim moved it to the claim period first, so
@@ -12,21 +12,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::Value;
 
-use crate::{error::Result, keys, reply, store::Store};
+use crate::{
+    error::Result,
+    store::{Ack, Store, keys, reply},
+};
 
 /// Longest a queue goes unvisited: the claim period of a visit, and the visit of a queue with
 /// nothing due. It bounds the harm of a need lost with a crashed broker between its script and
 /// its index update.
 const LONGEST_UNVISITED: Duration = Duration::from_secs(3600);
-
-/// Whose confirmation a script's write waits for (see [`Store::invoke_write`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Ack {
-    /// The replicas', with `--redis-wait-replicas`.
-    Replicas,
-    /// The master's alone.
-    Primary,
-}
 
 impl Store {
     /// This process's clock in Unix ms, for index scores only: the reaper recomputes every

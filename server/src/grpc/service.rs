@@ -10,16 +10,19 @@ use tracing::instrument;
 use wq_proto::v1::{self as pb, work_queue_service_server::WorkQueueService};
 
 use crate::{
-    auth::admit,
     config::BrokerConfig,
-    delivery::Undelivered,
     error::{Error, Result},
-    lease::{self, LeaseCall},
+    grpc::{
+        auth::admit,
+        delivery::Undelivered,
+        lease::{self, LeaseCall},
+        validate,
+        waiting::WaitingLimits,
+    },
     lease_id::LeaseId,
-    notify::Notifier,
-    store::{FailOutcome, QueueSnapshot, Store},
-    validate,
-    waiting::WaitingLimits,
+    model::{FailOutcome, QueueSnapshot},
+    store::Store,
+    tasks::notify::Notifier,
 };
 
 /// Share of the caller's remaining deadline a waiting Lease may use, leaving time for the reply.

@@ -12,7 +12,13 @@
 //!   fit the Redis timeout, which bounds every call anyway.
 //! - Sentinel: the master the sentinels name, reached through a `ConnectionManager` that is
 //!   dropped as soon as it answers `READONLY` (a demoted master) or the sentinels announce
-//!   `+switch-master` (see [`crate::sentinel`]); the next call asks the sentinels again.
+//!   `+switch-master` (see [`sentinel`]); the next call asks the sentinels again.
+//!
+//! The notification listener and the sentinel watchers keep their pub/sub subscriptions up
+//! with `subscription` (crate-private).
+
+pub mod sentinel;
+pub(crate) mod subscription;
 
 use std::{sync::Arc, time::Duration};
 
@@ -25,7 +31,7 @@ use redis::{
     cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo},
 };
 
-use crate::sentinel::SentinelMaster;
+use sentinel::SentinelMaster;
 
 /// Which kind of Redis deployment `--redis-url` names.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
@@ -262,7 +268,7 @@ pub(crate) fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
         .set_max_delay(Duration::from_millis(500))
 }
 
-/// Where the wake-up subscriptions are made (see [`crate::wakeups`]).
+/// Where the wake-up subscriptions are made (see [`crate::tasks::wakeups`]).
 #[derive(Debug, Clone)]
 pub enum Subscribers {
     /// The one server.

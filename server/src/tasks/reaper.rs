@@ -1,10 +1,10 @@
 //! The background reaper that runs in every broker replica. At every interval it claims the
-//! queues whose pass is due in the queue index (see [`crate::index`]): expired leases to
+//! queues whose pass is due in the queue index (see [`crate::store::index`]): expired leases to
 //! reclaim, delayed items to promote, dead letters and remembered ids past their bounds, deleted
 //! items still to delete, idle queues to forget. Queues with nothing due cost it nothing. A claim
 //! keeps other replicas off the queue meanwhile, and each step is one atomic script anyway.
 //!
-//! It is also the safety net for lost wake-up notifications (see [`crate::notify`]): waiting
+//! It is also the safety net for lost wake-up notifications (see [`crate::tasks::notify`]): waiting
 //! Lease calls do not poll Redis themselves, so every few rounds the queues with waiters in this
 //! process get a pass too.
 
@@ -15,7 +15,7 @@ use std::{
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{error::Result, notify::Notifier, store::Store};
+use crate::{error::Result, store::Store, tasks::notify::Notifier};
 
 /// Most bounded steps one queue gets per visit, so one huge backlog cannot starve the others.
 const MAX_STEPS_PER_VISIT: usize = 20;

@@ -30,7 +30,7 @@ use redis::{
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio_util::sync::CancellationToken;
 
-use crate::{connection::Subscribers, notify::Notifier};
+use crate::{store::connection::Subscribers, tasks::notify::Notifier};
 
 /// How long a queue's subscription is kept after its last waiter left.
 pub const LINGER: Duration = Duration::from_secs(30);
@@ -320,7 +320,7 @@ impl Listener {
                 self.queues
                     .entry(queue)
                     .or_insert_with_key(|queue| QueueSubscription {
-                        channel: crate::keys::notify_channel(&self.prefix, queue),
+                        channel: crate::store::keys::notify_channel(&self.prefix, queue),
                         up: false,
                         in_flight: false,
                         retry_at: now,

@@ -1,5 +1,5 @@
 //! A classic pub/sub subscription kept up until the broker stops: the sentinel watchers' (see
-//! [`crate::sentinel`]). Subscribing is
+//! [`super::sentinel`]). Subscribing is
 //! retried with backoff; a lost subscription is renewed after a pause, so a server that drops
 //! every subscription at once cannot make the loop spin.
 

@@ -1,22 +1,11 @@
 //! Lease and Complete as the handlers call them: concurrent calls on one queue are combined
-//! into one script call (see [`crate::coalesce`]) and each caller gets its own share back.
+//! into one script call (see [`crate::store::coalesce`]) and each caller gets its own share back.
 
 use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 
-use crate::{
-    coalesce::Coalescer,
-    error::Result,
-    lease_id::LeaseId,
-    store::{LeaseBatch, Store},
-};
-
-/// Lease calls waiting to be combined, by queue and lease duration (ms): one script call
-/// grants one duration.
-pub(crate) type LeaseLine = Coalescer<(String, u64), u32, LeaseBatch>;
-/// Complete calls waiting to be combined, by queue.
-pub(crate) type CompleteLine = Coalescer<String, Vec<(LeaseId, Bytes)>, Vec<bool>>;
+use crate::{error::Result, lease_id::LeaseId, model::LeaseBatch, store::Store};
 
 impl Store {
     /// Leases up to `max_items` items for `lease`, in one script call with the other Lease

@@ -6,8 +6,7 @@ use redis::Value;
 
 use crate::{
     error::{Error, Result},
-    reply,
-    store::Store,
+    store::{Store, reply},
 };
 
 /// Reply bytes counted per stored field of a listed item besides the large ones (payload,

@@ -8,13 +8,17 @@ use tracing::instrument;
 use wq_proto::v1::{self as pb, queue_admin_service_server::QueueAdminService};
 
 use crate::{
-    admin_store::{IndexedState, QueueFlag},
-    auth::{self, Caller, QueueScoped, admit},
     config::BrokerConfig,
     error::{Error, Result},
-    service::{queue_state_response, stored_item, traced},
-    store::Store,
-    validate,
+    grpc::{
+        auth::{self, Caller, QueueScoped, admit},
+        service::{queue_state_response, stored_item, traced},
+        validate,
+    },
+    store::{
+        Store,
+        admin::{IndexedState, QueueFlag},
+    },
 };
 
 /// Page size when a request gives 0.

@@ -1,11 +1,30 @@
 //! The Redis side of the broker: one typed async method per script, plus the few plain reads.
 //!
 //! All calls share one [`RedisConnection`] (standalone, cluster or sentinel; see
-//! [`crate::connection`]): a multiplexed connection that pipelines concurrent requests by itself
+//! [`connection`]): a multiplexed connection that pipelines concurrent requests by itself
 //! and reconnects in the background. A pool checkout per call would cost an
 //! extra round trip (deadpool-redis pings on every recycle), and a single multiplexed connection
 //! already keeps Redis busier than a pool does (see `../shared/notes/ecosystem.md`). Every call is
 //! bounded by the configured Redis timeout and fails with UNAVAILABLE past it.
+//!
+//! # Layout
+//!
+//! - [`scripts`], [`keys`], [`reply`]: the Lua scripts, the keys they are given and the
+//!   decoding of their replies.
+//! - [`combined`]: Lease and Complete combined across callers (by `coalesce`, crate-private);
+//!   [`admin`]: queue administration; [`index`]: the queue index the reaper works from.
+//! - [`connection`]: the one connection in each `--redis-mode`; [`replicated`]: writes that
+//!   wait for their replicas.
+
+pub mod admin;
+pub(crate) mod coalesce;
+pub mod combined;
+pub mod connection;
+pub mod index;
+pub mod keys;
+pub mod replicated;
+pub mod reply;
+pub mod scripts;
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -14,21 +33,17 @@ use redis::Value;
 use tokio::sync::Semaphore;
 
 use crate::{
-    combined::{CompleteLine, LeaseLine},
     config::BrokerConfig,
-    connection::RedisConnection,
     error::{Error, Result},
-    index::Ack,
-    keys::{self, QueueKeys},
     lease_id::LeaseId,
-    replicated::ReplicatedWrites,
-    reply,
-    scripts::{Scripts, millis, queue_invocation},
+    model::{Due, FailOutcome, Granted, LeaseBatch, NewItem, QueueSnapshot, ReapOutcome},
 };
 
-pub use crate::model::{
-    Due, FailOutcome, Granted, LeaseBatch, NewItem, QueueSnapshot, ReapOutcome,
-};
+use coalesce::Coalescer;
+use connection::RedisConnection;
+use keys::QueueKeys;
+use replicated::ReplicatedWrites;
+use scripts::{Scripts, millis, queue_invocation};
 
 /// The broker's handle on Redis. Cheap to share behind an `Arc`.
 #[derive(Debug)]
@@ -40,12 +55,27 @@ pub struct Store {
     pub(crate) index: String,
     /// Bounds the Redis calls in flight, so a slow Redis cannot pile up unbounded work here.
     in_flight: Semaphore,
-    /// Lease calls waiting to be combined (see [`crate::combined`]).
+    /// Lease calls waiting to be combined (see [`combined`]).
     pub(crate) lease_line: Arc<LeaseLine>,
     /// Complete calls waiting to be combined.
     pub(crate) complete_line: Arc<CompleteLine>,
     /// With `--redis-wait-replicas`, the connections writes wait for their replicas on.
     replicated: Option<ReplicatedWrites>,
+}
+
+/// Lease calls waiting to be combined, by queue and lease duration (ms): one script call
+/// grants one duration.
+pub(crate) type LeaseLine = Coalescer<(String, u64), u32, LeaseBatch>;
+/// Complete calls waiting to be combined, by queue.
+pub(crate) type CompleteLine = Coalescer<String, Vec<(LeaseId, Bytes)>, Vec<bool>>;
+
+/// Whose confirmation a script's write waits for (see [`Store::invoke_write`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ack {
+    /// The replicas', with `--redis-wait-replicas`.
+    Replicas,
+    /// The master's alone.
+    Primary,
 }
 
 impl Store {
@@ -65,7 +95,7 @@ impl Store {
     }
 
     /// Makes every state-changing script wait for its replicas through `writes` (see
-    /// [`crate::replicated`]).
+    /// [`replicated`]).
     #[must_use]
     pub fn with_replicated_writes(mut self, writes: ReplicatedWrites) -> Self {
         self.replicated = Some(writes);

@@ -25,7 +25,7 @@ use std::{
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::{auth, config::BrokerConfig, error::Error, limits::Peer};
+use crate::{config::BrokerConfig, error::Error, grpc::auth, limits::Peer};
 
 /// How many of a connection's `streams` its waiting Leases may hold: three quarters, at least
 /// one. The rest stay free for the connection's other calls.

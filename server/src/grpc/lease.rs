@@ -1,7 +1,7 @@
 //! The Lease call's waiting and cancellation logic.
 //!
 //! A Lease with `max_wait` first tries to lease; when nothing is ready it waits for a
-//! notification (see [`crate::notify`]), the due time of the earliest delayed item, the
+//! notification (see [`crate::tasks::notify`]), the due time of the earliest delayed item, the
 //! caller's deadline, broker shutdown or (when configured) its own re-check, whichever comes
 //! first, and tries again. A lost notification is made up for by the reaper, per queue.
 //! With `return_if_drained` it also returns, empty, as soon as the queue is drained, and with
@@ -17,10 +17,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     error::{Error, Result},
+    grpc::waiting::Claim,
     lease_id::LeaseId,
-    notify::Notifier,
-    store::{LeaseBatch, Store},
-    waiting::Claim,
+    model::LeaseBatch,
+    store::Store,
+    tasks::notify::Notifier,
 };
 
 /// One validated Lease call.

@@ -1,6 +1,6 @@
 //! Long-poll wake-ups inside one broker process: the wake-up points of the Lease calls waiting
 //! on each queue. Scripts that make items ready publish `<count>:<queue>` on the queue's
-//! channel, and [`crate::wakeups`] turns each message into a wake-up here, so idle waiters
+//! channel, and [`super::wakeups`] turns each message into a wake-up here, so idle waiters
 //! never poll Redis.
 
 use std::{
@@ -28,7 +28,7 @@ pub struct QueueWatch {
 pub struct Notifier {
     queues: Mutex<HashMap<String, Weak<QueueWatch>>>,
     /// Queues on which a Lease call started to wait since the subscriptions last looked (see
-    /// [`crate::wakeups`]).
+    /// [`super::wakeups`]).
     parked: Mutex<HashSet<String>>,
     parked_changed: Notify,
 }

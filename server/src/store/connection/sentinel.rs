@@ -18,7 +18,7 @@
 //! (the other replica kept confirming the old master's writes); none since. A SIGKILLed master
 //! lost none. Writes the old master
 //! took in the moment before the selection was announced are what `--redis-wait-replicas`
-//! guards (see [`crate::replicated`] and docs/RELIABILITY.md).
+//! guards (see [`crate::store::replicated`] and docs/RELIABILITY.md).
 
 use std::{
     sync::{
@@ -35,7 +35,7 @@ use redis::{
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::{connection::manager_config, subscription::Subscription};
+use crate::store::connection::{manager_config, subscription::Subscription};
 
 /// The channel sentinels announce the end of a failover on: they name the new master from then
 /// on.
@@ -75,7 +75,7 @@ pub struct SentinelMaster {
     /// The replica a failover selected (and when), until the sentinels name it themselves.
     promoted: Mutex<Option<(String, u16, std::time::Instant)>>,
     /// Connections of their own for the writes that wait for replicas (see
-    /// [`crate::replicated`]), each tagged with the generation it was made in.
+    /// [`crate::store::replicated`]), each tagged with the generation it was made in.
     write_slots: Mutex<Vec<Option<(u64, ConnectionManager)>>>,
     /// One lookup at a time: after a switch, every waiting call uses the one new connection
     /// instead of each asking the sentinels.
