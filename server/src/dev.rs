@@ -169,12 +169,21 @@ async fn ping(port: u16) -> bool {
     let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else {
         return false;
     };
+    // A server that refuses us for want of a password (`--requirepass` among its arguments)
+    // answers too.
     let attempt = async {
-        let mut conn = client.get_multiplexed_async_connection().await.ok()?;
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .ok()
+        let mut conn = match client.get_multiplexed_async_connection().await {
+            Ok(conn) => conn,
+            Err(error) if error.kind() == redis::ErrorKind::AuthenticationFailed => {
+                return Some(());
+            }
+            Err(_) => return None,
+        };
+        match redis::cmd("PING").query_async::<String>(&mut conn).await {
+            Ok(_) => Some(()),
+            Err(error) if error.code() == Some("NOAUTH") => Some(()),
+            Err(_) => None,
+        }
     };
     matches!(
         tokio::time::timeout(Duration::from_millis(500), attempt).await,

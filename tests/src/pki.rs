@@ -32,6 +32,7 @@ impl Pki {
     fn authority(&self, name: &str) -> CertifiedIssuer<'static, KeyPair> {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name = common_name(name);
         let key = KeyPair::generate().expect("a CA key");
         let ca = CertifiedIssuer::self_signed(params, key).expect("a self-signed CA");
         self.write(&format!("{name}.pem"), &ca.pem());
@@ -40,10 +41,10 @@ impl Pki {
 
     fn leaf(&self, ca: &CertifiedIssuer<'static, KeyPair>, name: &str, names: Vec<String>) {
         let key = KeyPair::generate().expect("a key");
-        let cert = CertificateParams::new(names)
-            .expect("certificate parameters")
-            .signed_by(&key, ca)
-            .expect("a signed certificate");
+        let mut params = CertificateParams::new(names).expect("certificate parameters");
+        // OpenSSL (redis-server, redis-cli) takes a leaf named like its issuer for self-signed.
+        params.distinguished_name = common_name(name);
+        let cert = params.signed_by(&key, ca).expect("a signed certificate");
         self.write(&format!("{name}.pem"), &cert.pem());
         self.write(&format!("{name}-key.pem"), &key.serialize_pem());
     }
@@ -62,4 +63,10 @@ impl Pki {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+fn common_name(name: &str) -> rcgen::DistinguishedName {
+    let mut dn = rcgen::DistinguishedName::new();
+    dn.push(rcgen::DnType::CommonName, format!("wq test {name}"));
+    dn
 }

@@ -1,20 +1,37 @@
 //! The walkthrough as users run it, on a cluster: the real `wq-server` binary with
-//! `--redis-mode cluster`, `wq seed --seal`, and two `wq-worker`s that exit when it is drained.
+//! `--redis-mode cluster`, `wq seed --seal`, and two `wq-worker`s that exit when it is drained;
+//! and the same on a cluster that requires a password and speaks only TLS to its clients.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, path::Path, time::Duration};
 
-use wq_tests::{cluster::RedisCluster, *};
+use wq_tests::{cluster::RedisCluster, pki::Pki, *};
 
 use crate::faults::harness::{ServerProcess, scratch_dir};
 
 #[tokio::test]
 async fn the_walkthrough_runs_on_a_cluster_with_the_real_binaries() {
     let cluster = RedisCluster::start().await;
+    walkthrough(&cluster.urls(), &[]).await;
+}
+
+/// `rediss://` URLs with a password, the cluster's nodes redirecting to each other's TLS ports;
+/// the broker trusts the test CA through `SSL_CERT_FILE` (the system roots otherwise).
+#[tokio::test]
+async fn the_walkthrough_runs_on_a_cluster_with_tls_and_a_password() {
+    let pki = Pki::generate();
+    let cluster = RedisCluster::start_tls(&pki, "cluster-secret").await;
+    walkthrough(
+        &cluster.tls_urls(),
+        &[("SSL_CERT_FILE", &pki.path("ca.pem"))],
+    )
+    .await;
+}
+
+async fn walkthrough(urls: &str, env: &[(&str, &Path)]) {
     let dir = scratch_dir();
-    let urls = cluster.urls();
     let flags = ["--redis-mode", "cluster", "--redis-timeout", "3s"];
-    let first = ServerProcess::start(&urls, dir.path(), &flags).await;
-    let second = ServerProcess::start(&urls, dir.path(), &flags).await;
+    let first = ServerProcess::start_with_env(urls, dir.path(), &flags, env).await;
+    let second = ServerProcess::start_with_env(urls, dir.path(), &flags, env).await;
 
     let fruit = [
         "apple", "banana", "cherry", "date", "fig", "grape", "lemon", "melon",

@@ -133,7 +133,7 @@ async fn a_killed_broker_replica_loses_nothing_and_its_workers_resume_after_its_
     );
     // Same address: the workers were told one URL (on Kubernetes, a Service address that
     // would route to the surviving replica by itself).
-    let _restarted = ServerProcess::start_at(&redis.url(), doomed.address, dir.path(), &flags)
+    let _restarted = ServerProcess::start_at(&redis.url(), doomed.address, dir.path(), &flags, &[])
         .await
         .unwrap_or_else(|e| {
             panic!(

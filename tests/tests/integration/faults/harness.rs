@@ -119,10 +119,20 @@ pub(crate) struct ServerProcess {
 impl ServerProcess {
     /// Starts one on a free port, retrying on another port if this one was taken meanwhile.
     pub(crate) async fn start(redis_url: &str, dir: &Path, extra: &[&str]) -> Self {
+        Self::start_with_env(redis_url, dir, extra, &[]).await
+    }
+
+    /// As [`ServerProcess::start`], with `env` set for the server.
+    pub(crate) async fn start_with_env(
+        redis_url: &str,
+        dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Self {
         let mut failure = String::new();
         for _ in 0..3 {
             let address = SocketAddr::from(([127, 0, 0, 1], free_port()));
-            match Self::start_at(redis_url, address, dir, extra).await {
+            match Self::start_at(redis_url, address, dir, extra, env).await {
                 Ok(server) => return server,
                 Err(error) => failure = error,
             }
@@ -136,6 +146,7 @@ impl ServerProcess {
         address: SocketAddr,
         dir: &Path,
         extra: &[&str],
+        env: &[(&str, &Path)],
     ) -> Result<Self, String> {
         let log = dir.join(format!("wq-server-{}.log", address.port()));
         let log_file = std::fs::OpenOptions::new()
@@ -148,6 +159,7 @@ impl ServerProcess {
             .args(TEST_BROKER_FLAGS)
             .args(extra)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log_file)
