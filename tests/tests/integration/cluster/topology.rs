@@ -412,9 +412,9 @@ async fn a_failover_and_a_slot_migration_mid_drain_lose_nothing_and_wake_ups_kee
     let slowest_enqueue = rounds.iter().map(|r| r.enqueue).max().unwrap_or_default();
     println!(
         "cluster: {busy} (slot {busy_slot}) with probe {probe_queue} (slot {probe_slot}): \
-         CLUSTER FAILOVER node {master} -> {replica} took {:?} ({done_before_migration} of \
-         {ITEMS} done after it); migration to node {target} took {:?} ({} keys, {} moved \
-         before a {HOLD:?} hold, {} after; {done_after_migration} done at its end; nodes answered \
+         CLUSTER FAILOVER node {master} -> {replica} took {:?}; migration to node {target} \
+         took {:?} ({} keys, {} moved before a {HOLD:?} hold, {} after; {done_before_migration} \
+         of {ITEMS} done at its start, {done_after_migration} at its end; nodes answered \
          {redirected:?} meanwhile); drained \
          {drained_after:?} after the start; {} of {ITEMS} completed ({} without an \
          acknowledgement), {repeats} repeats, reclaimed {}; errors {by_code:?}; slowest Lease \
