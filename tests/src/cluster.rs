@@ -282,7 +282,13 @@ impl RedisCluster {
 
     /// The index in [`RedisCluster::nodes`] of the master that serves `queue` now.
     pub async fn master_of(&self, queue: &str) -> usize {
-        let slot = self.slot_of(queue).await;
+        self.master_of_key(&format!("{{{queue}}}")).await
+    }
+
+    /// The index in [`RedisCluster::nodes`] of the master that serves `key`'s slot now, as
+    /// the first node that answers sees it.
+    pub async fn master_of_key(&self, key: &str) -> usize {
+        let slot = self.slot_of_key(key).await;
         for node in self.nodes.iter().filter(|node| node.pid().is_some()) {
             let Some(slots) = self
                 .query::<redis::Value>(node, redis::cmd("CLUSTER").arg("SLOTS"))
@@ -296,38 +302,256 @@ impl RedisCluster {
                 return index;
             }
         }
-        panic!("no node knows who serves slot {slot} of {queue}");
-    }
-
-    /// The index in [`RedisCluster::nodes`] of the replica that follows the master
-    /// `nodes[master]`.
-    pub async fn replica_of(&self, master: usize) -> usize {
-        let info: String = self
-            .query(&self.nodes[master], redis::cmd("INFO").arg("replication"))
-            .await
-            .expect("INFO replication of a master");
-        let port = info
-            .lines()
-            .find_map(|line| line.strip_prefix("slave0:"))
-            .and_then(|replica| replica.split(',').find_map(|kv| kv.strip_prefix("port=")))
-            .and_then(|port| port.trim().parse::<u16>().ok())
-            .expect("the master has a replica");
-        self.index_of_port(port)
-            .expect("the replica is one of the nodes")
+        panic!("no node knows who serves slot {slot} of {key}");
     }
 
     /// The slot of `queue`'s keys (`CLUSTER KEYSLOT`).
     pub async fn slot_of(&self, queue: &str) -> u16 {
+        self.slot_of_key(&format!("{{{queue}}}")).await
+    }
+
+    /// The slot of `key` (`CLUSTER KEYSLOT`).
+    pub async fn slot_of_key(&self, key: &str) -> u16 {
         for node in self.nodes.iter().filter(|node| node.pid().is_some()) {
-            let tag = format!("{{{queue}}}");
             if let Some(slot) = self
-                .query(node, redis::cmd("CLUSTER").arg("KEYSLOT").arg(&tag))
+                .query(node, redis::cmd("CLUSTER").arg("KEYSLOT").arg(key))
                 .await
             {
                 return slot;
             }
         }
         panic!("no cluster node answers CLUSTER KEYSLOT");
+    }
+
+    /// The index in [`RedisCluster::nodes`] of the master that every running node says serves
+    /// `slot`, or `None` while they disagree (a topology change spreading) or one does not
+    /// answer.
+    pub async fn agreed_owner(&self, slot: u16) -> Option<usize> {
+        let mut owner = None;
+        for node in self.nodes.iter().filter(|node| node.pid().is_some()) {
+            let slots = self
+                .query::<redis::Value>(node, redis::cmd("CLUSTER").arg("SLOTS"))
+                .await?;
+            let port = master_port_for(&slots, slot)?;
+            if owner.is_some_and(|seen| seen != port) {
+                return None;
+            }
+            owner = Some(port);
+        }
+        self.index_of_port(owner?)
+    }
+
+    /// Runs `cmd` on node `index` and returns its reply, failing the test with Redis's error.
+    pub async fn on_node<T: redis::FromRedisValue>(&self, index: usize, cmd: &redis::Cmd) -> T {
+        let node = &self.nodes[index];
+        let what: Vec<String> = cmd
+            .args_iter()
+            .take(3)
+            .map(|arg| match arg {
+                redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                _ => "<cursor>".into(),
+            })
+            .collect();
+        let attempt = async {
+            let mut conn = crate::redis_conn(node).await;
+            cmd.query_async::<T>(&mut conn).await
+        };
+        match tokio::time::timeout(Duration::from_secs(10), attempt).await {
+            Ok(Ok(reply)) => reply,
+            Ok(Err(error)) => panic!(
+                "node {index} (port {}) refused {}: {error}",
+                node.port(),
+                what.join(" ")
+            ),
+            Err(_) => panic!(
+                "node {index} (port {}) did not answer {} within 10 s",
+                node.port(),
+                what.join(" ")
+            ),
+        }
+    }
+
+    /// The cluster node id of node `index` (`CLUSTER MYID`).
+    pub async fn node_id(&self, index: usize) -> String {
+        self.on_node(index, redis::cmd("CLUSTER").arg("MYID")).await
+    }
+
+    /// Whether node `index` is a master now (`ROLE`).
+    pub async fn is_master(&self, index: usize) -> bool {
+        let role: Vec<redis::Value> = self.on_node(index, &redis::cmd("ROLE")).await;
+        role.into_iter()
+            .next()
+            .and_then(|role| redis::from_redis_value::<String>(role).ok())
+            .is_some_and(|role| role == "master")
+    }
+
+    /// The index of a running replica that follows master `master` (`ROLE` of every other
+    /// node: a replica answers `slave`, its master's host and port, ...).
+    pub async fn replica_of(&self, master: usize) -> usize {
+        let port = i64::from(self.nodes[master].port());
+        for index in 0..self.nodes.len() {
+            if index == master || self.nodes[index].pid().is_none() {
+                continue;
+            }
+            let role: Vec<redis::Value> = self.on_node(index, &redis::cmd("ROLE")).await;
+            let is_slave = role
+                .first()
+                .and_then(|role| redis::from_redis_value_ref::<String>(role).ok())
+                .is_some_and(|role| role == "slave");
+            let follows = role
+                .get(2)
+                .and_then(|port| redis::from_redis_value_ref::<i64>(port).ok())
+                == Some(port);
+            if is_slave && follows {
+                return index;
+            }
+        }
+        panic!("no running node replicates node {master}");
+    }
+
+    /// Has replica `replica` take over `slot`'s shard from its master with `CLUSTER FAILOVER`
+    /// (the coordinated switch: the master holds its clients until the replica has caught up,
+    /// so nothing acknowledged is lost), and returns once the roles have swapped and every node
+    /// agrees that the replica serves `slot`.
+    pub async fn manual_failover(&self, replica: usize, slot: u16) {
+        let master = self
+            .agreed_owner(slot)
+            .await
+            .unwrap_or_else(|| panic!("the nodes disagree on who serves slot {slot}"));
+        let _: String = self
+            .on_node(replica, redis::cmd("CLUSTER").arg("FAILOVER"))
+            .await;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.is_master(replica).await
+                && !self.is_master(master).await
+                && self.agreed_owner(slot).await == Some(replica)
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {replica} did not take over slot {slot} from node {master} within 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Moves `slots` from the masters serving them to master `to` with the manual protocol
+    /// that `redis-cli --cluster reshard` follows: `SETSLOT IMPORTING` on the target,
+    /// `SETSLOT MIGRATING` on the source, `MIGRATE` of the slot's keys in batches of
+    /// [`MIGRATE_BATCH`] in `GETKEYSINSLOT` order, then `SETSLOT NODE` on the target, the
+    /// source and the other masters. Once about half of every slot's keys have moved it holds
+    /// for `hold`, so that calls meet `ASK` (a key already moved) and `TRYAGAIN` (a script whose
+    /// keys are split). Returns once every node agrees that `to` serves the slots.
+    pub async fn migrate_slots(&self, slots: &[u16], to: usize, hold: Duration) -> Migration {
+        let target_id = self.node_id(to).await;
+        let mut sources = Vec::new();
+        for &slot in slots {
+            let source = self
+                .agreed_owner(slot)
+                .await
+                .unwrap_or_else(|| panic!("the nodes disagree on who serves slot {slot}"));
+            assert_ne!(source, to, "node {to} already serves slot {slot}");
+            let source_id = self.node_id(source).await;
+            let _: String = self
+                .on_node(to, setslot(slot, "IMPORTING").arg(&source_id))
+                .await;
+            let _: String = self
+                .on_node(source, setslot(slot, "MIGRATING").arg(&target_id))
+                .await;
+            sources.push(source);
+        }
+        let mut migration = Migration::default();
+        for (&slot, &source) in slots.iter().zip(&sources) {
+            let held: usize = self
+                .on_node(
+                    source,
+                    redis::cmd("CLUSTER").arg("COUNTKEYSINSLOT").arg(slot),
+                )
+                .await;
+            migration.keys += held;
+            migration.before_hold += self
+                .move_keys(source, to, slot, Some(held.div_ceil(2)))
+                .await;
+        }
+        tokio::time::sleep(hold).await;
+        for (&slot, &source) in slots.iter().zip(&sources) {
+            migration.after_hold += self.move_keys(source, to, slot, None).await;
+            let _: String = self
+                .on_node(to, setslot(slot, "NODE").arg(&target_id))
+                .await;
+            // Keys the source still holds would be deleted when it learns it lost the slot.
+            migration.after_hold += self.move_keys(source, to, slot, None).await;
+            let _: String = self
+                .on_node(source, setslot(slot, "NODE").arg(&target_id))
+                .await;
+            for index in 0..self.nodes.len() {
+                let other_master = index != to
+                    && index != source
+                    && self.nodes[index].pid().is_some()
+                    && self.is_master(index).await;
+                if other_master {
+                    let _: String = self
+                        .on_node(index, setslot(slot, "NODE").arg(&target_id))
+                        .await;
+                }
+            }
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        for &slot in slots {
+            while self.agreed_owner(slot).await != Some(to) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "the nodes did not agree within 30 s that node {to} serves slot {slot}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        migration
+    }
+
+    /// Moves the keys of `slot` from `source` to `to`, a batch at a time, until `source` holds
+    /// none or at least `limit` have moved; returns how many moved (keys deleted between
+    /// `GETKEYSINSLOT` and `MIGRATE` included).
+    async fn move_keys(&self, source: usize, to: usize, slot: u16, limit: Option<usize>) -> usize {
+        let port = self.nodes[to].port();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let mut moved = 0;
+        while limit.is_none_or(|limit| moved < limit) {
+            let keys: Vec<String> = self
+                .on_node(
+                    source,
+                    redis::cmd("CLUSTER")
+                        .arg("GETKEYSINSLOT")
+                        .arg(slot)
+                        .arg(MIGRATE_BATCH),
+                )
+                .await;
+            if keys.is_empty() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node {source} still holds keys of slot {slot} after 30 s of MIGRATE"
+            );
+            // OK, or NOKEY when every key of the batch was deleted since it was listed.
+            let _: String = self
+                .on_node(
+                    source,
+                    redis::cmd("MIGRATE")
+                        .arg("127.0.0.1")
+                        .arg(port)
+                        .arg("")
+                        .arg(0)
+                        .arg(MIGRATE_TIMEOUT_MS)
+                        .arg("KEYS")
+                        .arg(&keys),
+                )
+                .await;
+            moved += keys.len();
+        }
+        moved
     }
 
     /// A queue name for each master at start-up (`{q4}`, `{q1}` and `{q2}` land on the three
@@ -351,6 +575,34 @@ impl RedisCluster {
             .expect("connecting to the cluster")
     }
 
+    /// Error replies by error code (`MOVED`, `ASK`, `TRYAGAIN`, ...) summed over the running
+    /// nodes (`INFO errorstats`; a restarted node starts from zero).
+    pub async fn error_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut counts = std::collections::BTreeMap::new();
+        for index in 0..self.nodes.len() {
+            if self.nodes[index].pid().is_none() {
+                continue;
+            }
+            let stats: String = self
+                .on_node(index, redis::cmd("INFO").arg("errorstats"))
+                .await;
+            for line in stats.lines() {
+                let Some((code, rest)) = line
+                    .strip_prefix("errorstat_")
+                    .and_then(|line| line.split_once(':'))
+                else {
+                    continue;
+                };
+                let count: u64 = rest
+                    .strip_prefix("count=")
+                    .and_then(|count| count.trim().parse().ok())
+                    .unwrap_or(0);
+                *counts.entry(code.to_owned()).or_default() += count;
+            }
+        }
+        counts
+    }
+
     /// Sum of `calls=` of every command in `INFO commandstats` over the running nodes.
     pub async fn commands(&self) -> u64 {
         let mut total = 0;
@@ -359,6 +611,31 @@ impl RedisCluster {
         }
         total
     }
+}
+
+/// Keys per `MIGRATE` of [`RedisCluster::migrate_slots`] (`redis-cli --cluster reshard`'s
+/// default `--cluster-pipeline`).
+pub const MIGRATE_BATCH: usize = 10;
+
+/// How long one `MIGRATE` may take (ms).
+const MIGRATE_TIMEOUT_MS: u64 = 5000;
+
+/// What [`RedisCluster::migrate_slots`] did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Migration {
+    /// Keys the slots held when the migration began.
+    pub keys: usize,
+    /// Keys moved before the hold (keys deleted meanwhile included).
+    pub before_hold: usize,
+    /// Keys moved after the hold.
+    pub after_hold: usize,
+}
+
+/// `CLUSTER SETSLOT <slot> <subcommand>`, to be completed with a node id.
+fn setslot(slot: u16, subcommand: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("CLUSTER");
+    cmd.arg("SETSLOT").arg(slot).arg(subcommand);
+    cmd
 }
 
 /// The master's port in a `CLUSTER SLOTS` reply for `slot`.

@@ -9,73 +9,7 @@ use std::{
 
 use wq_tests::{cluster::RedisCluster, *};
 
-use super::{cluster_config, cluster_with_brokers};
-
-/// Leases and completes on `queue` until it is drained, riding out errors (UNAVAILABLE while
-/// the shard fails over); records every completion acknowledged to it, and returns the codes
-/// errors it met.
-async fn drain(
-    mut client: Client,
-    queue: &'static str,
-    done: Arc<Mutex<HashMap<String, usize>>>,
-) -> Vec<tonic::Status> {
-    let mut errors = Vec::new();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        let leased = client
-            .lease(pb::LeaseRequest {
-                queue: queue.into(),
-                max_items: 10,
-                lease_duration: Some(duration(Duration::from_secs(5))),
-                max_wait: Some(duration(Duration::from_millis(500))),
-                return_if_drained: true,
-                ..Default::default()
-            })
-            .await;
-        let leased = match leased {
-            Ok(leased) => leased.into_inner(),
-            Err(status) => {
-                errors.push(status);
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        if leased.items.is_empty() {
-            if leased.drained {
-                return errors;
-            }
-            continue;
-        }
-        let completions = leased
-            .items
-            .iter()
-            .map(|item| pb::Completion {
-                lease_id: item.lease_id.clone(),
-                result: Default::default(),
-            })
-            .collect();
-        let completed = client
-            .complete(pb::CompleteRequest {
-                queue: queue.into(),
-                completions,
-            })
-            .await;
-        match completed {
-            Ok(completed) => {
-                let mut done = done.lock().expect("lock");
-                for (item, result) in leased.items.iter().zip(&completed.get_ref().results) {
-                    if result.outcome() == pb::LeaseOutcome::Ok {
-                        *done.entry(item.id.clone()).or_default() += 1;
-                    }
-                }
-            }
-            Err(status) => errors.push(status),
-        }
-        // Slow enough that the kill lands mid-drain.
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    errors
-}
+use super::{Pace, cluster_config, cluster_with_brokers, drain};
 
 /// The master of a busy queue is SIGKILLed mid-drain, with `--redis-wait-replicas 1`: its
 /// replica takes over, the brokers ride it out (calls in between answer UNAVAILABLE, never
@@ -110,7 +44,12 @@ async fn a_master_killed_mid_drain_fails_over_and_every_item_is_completed() {
     let mut running = Vec::new();
     for broker in [&first, &second, &first, &second] {
         let client = broker.client().await;
-        running.push(tokio::spawn(drain(client, queue, Arc::clone(&done))));
+        // Slow enough that the kill lands mid-drain.
+        let pace = Pace {
+            max_items: 10,
+            pause: Duration::from_millis(20),
+        };
+        running.push(tokio::spawn(drain(client, queue, Arc::clone(&done), pace)));
     }
     eventually("a third of the items are done", async || {
         done.lock().expect("lock").len() >= 200
@@ -152,7 +91,8 @@ async fn a_master_killed_mid_drain_fails_over_and_every_item_is_completed() {
             tokio::time::timeout(Duration::from_secs(90), worker)
                 .await
                 .expect("the workers finish")
-                .expect("worker task"),
+                .expect("worker task")
+                .errors,
         );
     }
     let drained_after = killed_at.elapsed();

@@ -208,7 +208,7 @@ impl CaseRun {
         } else {
             Vec::new()
         };
-        let untouched = snapshot_keys(&mut self.conn, &left_behind).await;
+        let untouched = snapshot_keys(&mut self.conns[queue.index()].clone(), &left_behind).await;
         let reply = self
             .client
             .lease(pb::LeaseRequest {
@@ -272,7 +272,8 @@ impl CaseRun {
         self.tally.granted += reply.items.len() as u64;
         if cut {
             prop_assert!(
-                snapshot_keys(&mut self.conn, &left_behind).await == untouched,
+                snapshot_keys(&mut self.conns[queue.index()].clone(), &left_behind).await
+                    == untouched,
                 "a ready item past the reply budget was changed: {:?}",
                 left_behind
             );

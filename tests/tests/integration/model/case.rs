@@ -18,7 +18,11 @@ use super::{
 pub(super) struct CaseRun {
     pub(super) client: Client,
     pub(super) admin: AdminClient,
-    pub(super) conn: MultiplexedConnection,
+    /// Direct connections to the Redis server that holds each queue's keys, in queue order:
+    /// on one server both are that server; on a cluster, the master serving the queue's slot.
+    pub(super) conns: [MultiplexedConnection; 2],
+    /// A direct connection to the server that holds the queue index.
+    pub(super) index_conn: MultiplexedConnection,
     pub(super) key_prefix: String,
     /// The configuration of the broker the case talks to, for the scripts the case runs itself.
     pub(super) config: BrokerConfig,

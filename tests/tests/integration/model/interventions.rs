@@ -80,7 +80,7 @@ impl CaseRun {
             Slot::Dead
         };
         self.tally.reclaimed += 1;
-        self.force_score(&set, &id, LONG_AGO_MS).await?;
+        self.force_score(queue, &set, &id, LONG_AGO_MS).await?;
         self.then_move(queue, then, set, id).await
     }
 
@@ -99,7 +99,7 @@ impl CaseRun {
         let set = model.keys.delayed.clone();
         model.item_mut(&id)?.slot = Slot::Ready;
         self.tally.promoted += 1;
-        self.force_score(&set, &id, LONG_AGO_MS).await?;
+        self.force_score(queue, &set, &id, LONG_AGO_MS).await?;
         self.then_move(queue, then, set, id).await
     }
 
@@ -120,15 +120,22 @@ impl CaseRun {
         }
     }
 
-    /// Moves `member`'s score in the sorted set `set` to `score`, as if its time had come then.
-    async fn force_score(&mut self, set: &str, member: &str, score: i64) -> TestCaseResult {
+    /// Moves `member`'s score in the sorted set `set` of `queue` to `score`, as if its time had
+    /// come then.
+    async fn force_score(
+        &mut self,
+        queue: Queue,
+        set: &str,
+        member: &str,
+        score: i64,
+    ) -> TestCaseResult {
         let changed: i64 = redis::cmd("ZADD")
             .arg(set)
             .arg("XX")
             .arg("CH")
             .arg(score)
             .arg(member)
-            .query_async(&mut self.conn)
+            .query_async(&mut self.conns[queue.index()].clone())
             .await
             .expect("ZADD XX CH of a queue set");
         prop_assert_eq!(changed, 1, "{} was in {} with another score", member, set);
@@ -155,10 +162,11 @@ impl CaseRun {
             .arg("LT")
             .arg(0)
             .arg(&name)
-            .query_async(&mut self.conn)
+            .query_async(&mut self.index_conn.clone())
             .await
             .expect("ZADD LT to the queue index");
-        let mut conn = self.conn.clone();
+        let mut conn = self.conns[queue.index()].clone();
+        let mut index_conn = self.index_conn.clone();
         let what = format!(
             "the reaper's visit of {name} (gone: {gone:?}, trash deleted: {had_trash}, queue \
              forgotten: {forgotten})"
@@ -189,7 +197,7 @@ impl CaseRun {
                 let indexed: Option<f64> = redis::cmd("ZSCORE")
                     .arg(&index)
                     .arg(&name)
-                    .query_async(&mut conn)
+                    .query_async(&mut index_conn)
                     .await
                     .expect("ZSCORE in the queue index");
                 if indexed.is_some() {
@@ -216,7 +224,7 @@ impl CaseRun {
             &self.config,
         );
         let raw: Vec<i64> = call
-            .invoke_async(&mut self.conn)
+            .invoke_async(&mut self.conns[queue.index()].clone())
             .await
             .map_err(|e| failure(format!("reap.lua failed: {e}")))?;
         let [
@@ -327,7 +335,7 @@ impl CaseRun {
                     &self.config,
                 );
                 let reply: (u64, u64) = call
-                    .invoke_async(&mut self.conn)
+                    .invoke_async(&mut self.conns[queue.index()].clone())
                     .await
                     .map_err(|e| failure(format!("delete_queue.lua failed: {e}")))?;
                 prop_assert_eq!(
@@ -443,13 +451,13 @@ impl CaseRun {
             }
         }
         for id in ids {
-            self.force_score(&done, id, LONG_AGO_MS).await?;
+            self.force_score(queue, &done, id, LONG_AGO_MS).await?;
         }
         for key in &retained {
             let expired: i64 = redis::cmd("PEXPIREAT")
                 .arg(key)
                 .arg(LONG_AGO_MS)
-                .query_async(&mut self.conn)
+                .query_async(&mut self.conns[queue.index()].clone())
                 .await
                 .expect("PEXPIREAT of a retained item");
             prop_assert_eq!(expired, 1, "{} was retained", key);
@@ -478,7 +486,7 @@ impl CaseRun {
         model.finished.insert(id.clone(), Span::exactly(died));
         model.totals.dropped += 1;
         let set = model.keys.dead.clone();
-        self.force_score(&set, &id, died).await?;
+        self.force_score(queue, &set, &id, died).await?;
         self.tally.dropped += 1;
         match by {
             Reap::Reaper => self.visit_by_reaper(queue, vec![(set, id)]).await?,
@@ -510,14 +518,14 @@ impl CaseRun {
             last_activity = redis::cmd("HGET")
                 .arg(&meta)
                 .arg("la")
-                .query_async(&mut self.conn)
+                .query_async(&mut self.conns[queue.index()].clone())
                 .await
                 .expect("HGET of the last activity");
             let _: i64 = redis::cmd("HSET")
                 .arg(&meta)
                 .arg("la")
                 .arg(LONG_AGO_MS)
-                .query_async(&mut self.conn)
+                .query_async(&mut self.conns[queue.index()].clone())
                 .await
                 .expect("HSET of the last activity");
             model.idle_forced = true;
@@ -548,7 +556,7 @@ impl CaseRun {
                 .arg(&meta)
                 .arg("la")
                 .arg(last_activity)
-                .query_async(&mut self.conn)
+                .query_async(&mut self.conns[queue.index()].clone())
                 .await
                 .expect("HSET of the last activity");
         }

@@ -122,7 +122,12 @@ pub(super) type Snapshot = Vec<(String, KeyContent)>;
 impl CaseRun {
     pub(super) async fn snapshot(&mut self, queue: Queue) -> Snapshot {
         let name = self.queues[queue.index()].name.clone();
-        queue_snapshot(&mut self.conn, &self.key_prefix, &name).await
+        queue_snapshot(
+            &mut self.conns[queue.index()].clone(),
+            &self.key_prefix,
+            &name,
+        )
+        .await
     }
 
     pub(super) async fn unchanged_baseline(
@@ -157,9 +162,10 @@ impl CaseRun {
         // a queue only when a step asks it to), so both queues are read at once to keep steps
         // cheap.
         let [first, second] = &self.queues;
+        let [first_conn, second_conn] = &self.conns;
         let (first_seen, second_seen) = tokio::join!(
-            observe(&self.client, &self.conn, &self.key_prefix, first),
-            observe(&self.client, &self.conn, &self.key_prefix, second),
+            observe(&self.client, first_conn, &self.key_prefix, first),
+            observe(&self.client, second_conn, &self.key_prefix, second),
         );
         for (model, seen) in self.queues.iter_mut().zip([first_seen, second_seen]) {
             let name = model.name.clone();

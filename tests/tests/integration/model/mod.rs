@@ -40,13 +40,26 @@
 //! that a queue is visited exactly when a step makes it due (a broker's reaper also visits the
 //! queues its own Leases are in flight on, at moments no step chooses).
 //!
-//! The default run is bounded for CI: `DEFAULT_CASES` cases of 1 to `DEFAULT_STEPS` steps, about
-//! 20–30 s on a busy 2-core machine. A longer run, and the replay of a failure (the seed is
-//! printed at the start and with the shrunk sequence; replay with the same cases and steps):
+//! A second test runs the same on a Redis Cluster (three masters with a replica each, see
+//! `wq_tests::cluster`): the brokers reach it in cluster mode (with a 3 s Redis timeout, as in
+//! the other cluster tests), each case's two queues are named so that two different masters
+//! serve them, and the model reads and forces a queue's keys (KEYS of its pattern, the pipelines of its sets, the scripts a step runs
+//! directly) on the master that serves the queue's slot, and the queue index on the master of
+//! its own slot. Every check above holds there too. What it cannot see: a key of a queue
+//! outside the queue's slot (KEYS asks one master), which cannot exist, since a script that
+//! touches such a key fails on a cluster; and a slot that moves, which no step does (topology
+//! changes are `cluster/topology.rs`'s).
+//!
+//! The default run is bounded for CI: `DEFAULT_CASES` cases of 1 to `DEFAULT_STEPS` steps on one
+//! server, about 20–30 s on a busy 2-core machine, and a quarter of the cases on the cluster,
+//! about 15 s with its start. A longer run, and the replay of a failure (the seed is printed at
+//! the start and with the shrunk sequence; replay with the same cases and steps, and the test's
+//! name, `model::broker_agrees` or `model::broker_on_a_cluster`, to run only the one that
+//! failed):
 //!
 //! ```sh
 //! WQ_MODEL_CASES=1000 WQ_MODEL_STEPS=100 cargo test -p wq-tests --test integration model -- --nocapture
-//! WQ_MODEL_SEED=<seed> cargo test -p wq-tests --test integration model -- --nocapture
+//! WQ_MODEL_SEED=<seed> cargo test -p wq-tests --test integration model::broker_agrees -- --nocapture
 //! ```
 //!
 //! Not modelled: dead-letter trimming by count (deaths in the same millisecond tie, so which one
@@ -71,7 +84,7 @@ use proptest::{
 
 use self::{
     ops::{Op, op_strategy},
-    world::World,
+    world::{Deployment, World},
 };
 
 mod calls;
@@ -150,11 +163,29 @@ fn describe(keep_completed: bool, ops: &[Op]) -> String {
 
 #[test]
 fn broker_agrees_with_the_queue_model_after_every_step() {
-    let cases = env_number("WQ_MODEL_CASES").unwrap_or(DEFAULT_CASES);
+    run_model(Deployment::Server, DEFAULT_CASES);
+}
+
+/// The same on a cluster, each case's two queues on two different masters: fewer cases by
+/// default, since the model's own calls are the same and only the routing differs.
+#[test]
+fn broker_on_a_cluster_agrees_with_the_queue_model_after_every_step() {
+    run_model(Deployment::Cluster, DEFAULT_CASES / 4);
+}
+
+/// Runs the model test on `deployment`, `default_cases` cases unless `WQ_MODEL_CASES` says
+/// otherwise.
+fn run_model(deployment: Deployment, default_cases: u32) {
+    let cases = env_number("WQ_MODEL_CASES").unwrap_or(default_cases);
     let steps = env_number("WQ_MODEL_STEPS").unwrap_or(DEFAULT_STEPS).max(1);
     let seed = env_number("WQ_MODEL_SEED").unwrap_or_else(|| uuid::Uuid::new_v4().as_u64_pair().0);
+    let on = match deployment {
+        Deployment::Server => "",
+        Deployment::Cluster => " (on a cluster)",
+    };
     eprintln!(
-        "model: {cases} cases of 1..={steps} steps, seed {seed} (WQ_MODEL_SEED={seed} replays them)"
+        "model{on}: {cases} cases of 1..={steps} steps, seed {seed} (WQ_MODEL_SEED={seed} \
+         replays them)"
     );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -162,7 +193,7 @@ fn broker_agrees_with_the_queue_model_after_every_step() {
         .enable_all()
         .build()
         .expect("a tokio runtime");
-    let world = runtime.block_on(World::start());
+    let world = runtime.block_on(World::start(deployment));
     let mut runner = TestRunner::new(Config {
         cases,
         rng_seed: RngSeed::Fixed(seed),
@@ -186,13 +217,13 @@ fn broker_agrees_with_the_queue_model_after_every_step() {
     runtime.block_on(world.stop());
     match outcome {
         Ok(()) => eprintln!(
-            "model: {} cases passed in {:.1?}; exercised {:?}",
+            "model{on}: {} cases passed in {:.1?}; exercised {:?}",
             next_case.get(),
             started.elapsed(),
             world_tally
         ),
         Err(TestError::Fail(reason, (keep_completed, ops))) => panic!(
-            "the broker disagreed with the model: {}\nminimal failing case (seed {seed}; {} \
+            "the broker{on} disagreed with the model: {}\nminimal failing case (seed {seed}; {} \
              cases run, shrinking included):\n{}",
             reason.message(),
             next_case.get(),

@@ -1,14 +1,16 @@
-//! What the whole run shares: one Redis, two brokers on it (one forgets completed items, the
-//! other keeps them) with small payload and reply limits, their clients, and the tally of what
-//! the cases exercised.
+//! What the whole run shares: one Redis (a server or a cluster), two brokers on it (one
+//! forgets completed items, the other keeps them) with small payload and reply limits, their
+//! clients, the model's direct connections into Redis, and the tally of what the cases
+//! exercised.
 
 use std::{cell::Cell, time::Duration};
 
 use proptest::test_runner::TestCaseResult;
 use redis::aio::MultiplexedConnection;
-use wq_server::scripts::Scripts;
+use wq_server::{keys, scripts::Scripts};
 use wq_tests::{
-    AdminClient, Broker, BrokerConfig, Client, RedisProcess, pb, redis_conn, test_config,
+    AdminClient, Broker, BrokerConfig, Client, RedisProcess, RedisTarget, cluster::RedisCluster,
+    pb, redis_conn, standalone, test_config,
 };
 
 use super::{
@@ -23,11 +25,115 @@ use super::{
 /// deleted generation's trash or forget an expired id at a moment no step chose.
 const NO_OWN_REAPER: Duration = Duration::from_secs(3600);
 
+/// The Redis timeout of the brokers on a cluster: as in the other cluster tests, long enough
+/// for a slot map refresh (there is none during a run, but the first calls of a broker wait for
+/// its first slot map).
+const CLUSTER_REDIS_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What the run's Redis is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Deployment {
+    /// One server.
+    Server,
+    /// A cluster of three masters with a replica each (`wq_tests::cluster`).
+    Cluster,
+}
+
+/// The run's Redis, and the model's direct connections into it.
+enum Store {
+    /// One server, and one connection to it for every key.
+    Server {
+        /// Boxed: a process handle is much larger than the cluster's list of nodes.
+        redis: Box<RedisProcess>,
+        conn: MultiplexedConnection,
+    },
+    /// A cluster, and a connection to each of its nodes (by index in `cluster.nodes`): a
+    /// queue's keys are read and forced on the master that serves the queue's slot, so that
+    /// KEYS of a queue's pattern, pipelines of a queue's keys and the scripts a step runs
+    /// directly work as on one server. Nothing moves slots during a run.
+    Cluster {
+        cluster: RedisCluster,
+        conns: Vec<MultiplexedConnection>,
+    },
+}
+
+impl Store {
+    async fn start(deployment: Deployment) -> Self {
+        match deployment {
+            Deployment::Server => {
+                let redis = Box::new(wq_tests::redis().await);
+                let conn = redis_conn(&redis).await;
+                Self::Server { redis, conn }
+            }
+            Deployment::Cluster => {
+                let cluster = RedisCluster::start().await;
+                let mut conns = Vec::new();
+                for node in &cluster.nodes {
+                    conns.push(redis_conn(node).await);
+                }
+                Self::Cluster { cluster, conns }
+            }
+        }
+    }
+
+    /// Where the brokers find this Redis.
+    fn target(&self) -> RedisTarget {
+        match self {
+            Self::Server { redis, .. } => standalone(&redis.url()),
+            Self::Cluster { cluster, .. } => cluster.target(),
+        }
+    }
+
+    /// The configuration of the run's brokers on this Redis.
+    fn config(&self, config: BrokerConfig) -> BrokerConfig {
+        match self {
+            Self::Server { .. } => config,
+            Self::Cluster { .. } => BrokerConfig {
+                redis_timeout: CLUSTER_REDIS_TIMEOUT,
+                ..config
+            },
+        }
+    }
+
+    /// The node serving `key`'s slot (always 0 on one server), and a connection to it.
+    async fn node_of(&self, key: &str) -> (usize, MultiplexedConnection) {
+        match self {
+            Self::Server { conn, .. } => (0, conn.clone()),
+            Self::Cluster { cluster, conns } => {
+                let node = cluster.master_of_key(key).await;
+                (node, conns[node].clone())
+            }
+        }
+    }
+
+    /// The names of case `case`'s two queues and connections to the servers holding their
+    /// keys: `model-<case>-a` and `model-<case>-b`. On a cluster the second name ends in the
+    /// first letter from `b` on that puts it on another master than the first, so that every
+    /// case spans two shards (the names keep one length: a queue name's length is part of the
+    /// reply estimate).
+    async fn queues(&self, case: u64) -> ([String; 2], [MultiplexedConnection; 2]) {
+        let first = format!("model-{case}-a");
+        let (first_node, first_conn) = self.node_of(&format!("{{{first}}}")).await;
+        let mut second = None;
+        for letter in 'b'..='z' {
+            let name = format!("model-{case}-{letter}");
+            let (node, conn) = self.node_of(&format!("{{{name}}}")).await;
+            if node != first_node || matches!(self, Self::Server { .. }) {
+                second = Some((name, conn));
+                break;
+            }
+        }
+        let (second, second_conn) =
+            second.expect("one of 25 queue names lands on another of three masters");
+        ([first, second], [first_conn, second_conn])
+    }
+}
+
 /// What every case shares: one Redis, two brokers on it that differ only in whether they keep
 /// completed items and that leave reaping to a third broker, which no client calls, so that a
 /// queue is visited exactly when a step makes its index entry due.
 pub(super) struct World {
-    _redis: RedisProcess,
+    store: Store,
     /// The forgetting broker, the keeping broker and the reaping broker.
     brokers: Vec<Broker>,
     /// The configurations of the forgetting and the keeping broker, in that order.
@@ -35,7 +141,8 @@ pub(super) struct World {
     /// Clients of the forgetting and the keeping broker, in that order.
     clients: [Client; 2],
     admin: AdminClient,
-    conn: MultiplexedConnection,
+    /// A direct connection to the server holding the queue index.
+    index_conn: MultiplexedConnection,
     key_prefix: String,
     pub(super) tally: Cell<Tally>,
 }
@@ -65,30 +172,32 @@ fn model_config(completed_retention: Duration) -> BrokerConfig {
 }
 
 impl World {
-    pub(super) async fn start() -> Self {
-        let redis = wq_tests::redis().await;
+    pub(super) async fn start(deployment: Deployment) -> Self {
+        let store = Store::start(deployment).await;
         let configs = [model_config(Duration::ZERO), model_config(KEEP_COMPLETED)].map(|config| {
-            BrokerConfig {
+            store.config(BrokerConfig {
                 reap_interval: NO_OWN_REAPER,
                 ..config
-            }
+            })
         });
-        let forgetting = Broker::start_with(&redis.url(), configs[0].clone()).await;
-        let keeping = Broker::start_with(&redis.url(), configs[1].clone()).await;
+        let forgetting = Broker::start_on(store.target(), configs[0].clone()).await;
+        let keeping = Broker::start_on(store.target(), configs[1].clone()).await;
         // Reaping depends on neither retention: finished ids are kept for the dedup window,
         // which is the longer.
-        let reaping = Broker::start_with(&redis.url(), model_config(Duration::ZERO)).await;
+        let reaping =
+            Broker::start_on(store.target(), store.config(model_config(Duration::ZERO))).await;
         let clients = [forgetting.client().await, keeping.client().await];
         let admin = forgetting.admin().await;
-        let conn = redis_conn(&redis).await;
+        let key_prefix = test_config().key_prefix;
+        let (_, index_conn) = store.node_of(&keys::queue_index(&key_prefix)).await;
         Self {
-            _redis: redis,
+            store,
             brokers: vec![forgetting, keeping, reaping],
             configs,
             clients,
             admin,
-            conn,
-            key_prefix: test_config().key_prefix,
+            index_conn,
+            key_prefix,
             tally: Cell::new(Tally::default()),
         }
     }
@@ -105,11 +214,12 @@ impl World {
         keep_completed: bool,
         ops: &[Op],
     ) -> TestCaseResult {
-        let names = [format!("model-{case}-a"), format!("model-{case}-b")];
+        let (names, conns) = self.store.queues(case).await;
         let mut run = CaseRun {
             client: self.clients[usize::from(keep_completed)].clone(),
             admin: self.admin.clone(),
-            conn: self.conn.clone(),
+            conns,
+            index_conn: self.index_conn.clone(),
             key_prefix: self.key_prefix.clone(),
             config: self.configs[usize::from(keep_completed)].clone(),
             scripts: Scripts::new(),
