@@ -267,3 +267,67 @@ async fn subscribed_nodes(cluster: &RedisCluster, channel: &str) -> Vec<usize> {
     }
     holders
 }
+
+/// A whole shard dies (its master and its replica): calls for its queues answer UNAVAILABLE
+/// within the Redis timeout, the queues of the other shards keep serving every call, and health
+/// stays SERVING (`cluster-require-full-coverage no`). The shard holding the queue index is
+/// spared here: with it gone, ListQueues and the reapers' claims fail until it is back, while
+/// the queues themselves still serve.
+#[tokio::test]
+async fn a_dead_shard_fails_only_its_own_queues_within_the_redis_timeout() {
+    let config = cluster_config();
+    let timeout = config.redis_timeout;
+    let (mut cluster, first, _second) = cluster_with_brokers(config).await;
+    let index_master = cluster
+        .master_of_key(&wq_server::keys::queue_index(&test_config().key_prefix))
+        .await;
+    let mut dead_queue = None;
+    let mut live_queues = Vec::new();
+    for queue in RedisCluster::queue_per_master() {
+        if dead_queue.is_none() && cluster.master_of(queue).await != index_master {
+            dead_queue = Some(queue);
+        } else {
+            live_queues.push(queue);
+        }
+    }
+    let dead_queue = dead_queue.expect("a shard without the index");
+    let mut client = first.client().await;
+    for queue in RedisCluster::queue_per_master() {
+        enqueue(&mut client, queue, vec![item("before")]).await;
+    }
+    let master = cluster.master_of(dead_queue).await;
+    let replica = cluster.replica_of(master).await;
+    cluster.nodes[replica].kill().await;
+    cluster.nodes[master].kill().await;
+
+    let started = Instant::now();
+    let refused = client
+        .enqueue(pb::EnqueueRequest {
+            queue: dead_queue.into(),
+            items: vec![item("after")],
+        })
+        .await
+        .expect_err("the dead shard's queue is not served");
+    let took = started.elapsed();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        took < timeout + Duration::from_secs(1),
+        "answered after {took:?} (Redis timeout {timeout:?})"
+    );
+    for queue in &live_queues {
+        enqueue(&mut client, queue, vec![item("after")]).await;
+        let leased = lease(&mut client, queue, 10, Duration::from_secs(30)).await;
+        assert_eq!(leased.items.len(), 2, "{queue}: both items");
+        let ids: Vec<String> = leased.items.iter().map(|i| i.lease_id.clone()).collect();
+        complete(&mut client, queue, &ids).await;
+        assert_eq!(state(&mut client, queue).await.completed_total, 2);
+    }
+    assert_eq!(
+        health_of(&first.url(), None).await,
+        Some(health::ServingStatus::Serving)
+    );
+    println!(
+        "cluster: shard of {dead_queue} dead: its Enqueue answered UNAVAILABLE in {took:?}; \
+         {live_queues:?} served every call"
+    );
+}
