@@ -13,8 +13,15 @@
 //! `SUNSUBSCRIBE` that redis-rs does not re-issue). So the task subscribes again on those
 //! events; after every (re)subscription it wakes the queue's waiters to look for themselves,
 //! since messages sent meanwhile are lost (this also covers an item enqueued between a first
-//! waiter's look and its subscription); and while a queue's subscription is down it wakes that
-//! queue's waiters every [`FALLBACK_RECHECK`].
+//! waiter's look and its subscription); and while a queue's subscription is down but the
+//! connection stands (a cluster shard failing over), one of that queue's waiters looks every
+//! [`FALLBACK_RECHECK`], and wakes the next when it finds items. Without any connection
+//! (Redis itself is likely down) the waiters keep waiting: looking would only fail their calls
+//! early, and the renewal wakes them.
+//!
+//! Known gap: a connection that dies without closing (a half-open TCP connection behind a
+//! NAT) is not noticed, since an idle subscriber sends nothing; wake-ups then come from the
+//! reaper's visits of waited queues until the broker restarts.
 
 use std::{
     collections::HashMap,
@@ -131,6 +138,9 @@ struct QueueSubscription {
     up: bool,
     /// A subscribe command is on its way.
     in_flight: bool,
+    /// Redis dropped the channel while its subscribe was on its way: whatever that subscribe
+    /// answers, it must be sent again.
+    dropped_in_flight: bool,
     retry_at: Instant,
     retry_backoff: Duration,
     /// When a Lease call last waited on the queue.
@@ -167,7 +177,10 @@ impl Listener {
                     None => std::future::pending().await,
                 }
             };
+            // Pushes first: a server-sent SUNSUBSCRIBE must be seen before the answer of a
+            // subscribe it overtook.
             tokio::select! {
+                biased;
                 () = stop.cancelled() => return,
                 push = push => self.on_push(push),
                 Some(done) = self.work.next() => self.on_done(done),
@@ -232,13 +245,14 @@ impl Listener {
                 let Some(channel) = push.data.first().and_then(bulk_text) else {
                     return;
                 };
-                if let Some(subscription) = self
-                    .queues
-                    .values_mut()
-                    .find(|s| s.channel == channel && s.up)
+                if let Some(subscription) = self.queues.values_mut().find(|s| s.channel == channel)
                 {
-                    tracing::debug!(%channel, "Redis dropped a wake-up subscription; renewing it");
-                    subscription.mark_down(Instant::now());
+                    if subscription.up {
+                        tracing::debug!(%channel, "Redis dropped a wake-up subscription; renewing it");
+                        subscription.mark_down(Instant::now());
+                    } else if subscription.in_flight {
+                        subscription.dropped_in_flight = true;
+                    }
                 }
             }
             PushKind::Disconnection => match &self.connection {
@@ -272,6 +286,7 @@ impl Listener {
                 for subscription in self.queues.values_mut() {
                     subscription.up = false;
                     subscription.in_flight = false;
+                    subscription.dropped_in_flight = false;
                     subscription.retry_at = now;
                 }
             }
@@ -293,6 +308,10 @@ impl Listener {
                     return;
                 };
                 subscription.in_flight = false;
+                if std::mem::take(&mut subscription.dropped_in_flight) {
+                    subscription.mark_down(now);
+                    return;
+                }
                 match result {
                     Ok(()) => {
                         subscription.up = true;
@@ -323,6 +342,7 @@ impl Listener {
                         channel: crate::store::keys::notify_channel(&self.prefix, queue),
                         up: false,
                         in_flight: false,
+                        dropped_in_flight: false,
                         retry_at: now,
                         retry_backoff: FIRST_RETRY,
                         last_waited: now,
@@ -347,23 +367,31 @@ impl Listener {
             .connection
             .as_ref()
             .map(|connected| connected.conn.clone());
+        let connected = conn.is_some();
         let notifier = Arc::clone(&self.notifier);
         let mut ended = Vec::new();
         self.queues.retain(|queue, subscription| {
             if notifier.has_waiters(queue) {
                 subscription.last_waited = now;
-                if !subscription.up && now >= subscription.last_fallback + FALLBACK_RECHECK {
+                // Without a connection at all, Redis is likely down too: the waiters would only
+                // fail early. Its renewal wakes them all.
+                if connected
+                    && !subscription.up
+                    && now >= subscription.last_fallback + FALLBACK_RECHECK
+                {
                     subscription.last_fallback = now;
-                    notifier.wake_everyone(queue);
+                    // One looks; when it finds items ready it wakes the next (see
+                    // `grpc::lease`).
+                    notifier.wake(queue, 1);
                 }
                 return true;
             }
             if subscription.in_flight || now < subscription.last_waited + LINGER {
                 return true;
             }
-            if subscription.up
-                && let Some(conn) = &conn
-            {
+            // Also when it is down: the subscription may stand in Redis all the same (a subscribe
+            // that timed out, or one the cluster client renews by itself).
+            if let Some(conn) = &conn {
                 ended.push(conn.clone().unsubscribe(subscription.channel.clone()));
             }
             false
@@ -389,13 +417,19 @@ impl Listener {
         for subscription in self.queues.values_mut() {
             subscription.up = false;
             subscription.in_flight = false;
-            subscription.last_fallback = subscription.last_fallback.min(now);
+            subscription.dropped_in_flight = false;
+            subscription.last_fallback = now;
         }
     }
 }
 
 impl QueueSubscription {
     fn mark_down(&mut self, now: Instant) {
+        if self.up {
+            // The first fallback look comes a period after the loss, by when most renewals
+            // are done.
+            self.last_fallback = now;
+        }
         self.up = false;
         // A moment for the cluster to settle, so the renewal goes to the new owner.
         self.retry_at = now + FIRST_RETRY;
