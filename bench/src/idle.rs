@@ -134,7 +134,7 @@ async fn command_calls(
 }
 
 /// Parses lines like `cmdstat_evalsha:calls=12,usec=345,...`.
-fn parse_commandstats(info: &str) -> HashMap<String, u64> {
+pub(crate) fn parse_commandstats(info: &str) -> HashMap<String, u64> {
     info.lines()
         .filter_map(|line| {
             let (name, stats) = line.trim().strip_prefix("cmdstat_")?.split_once(':')?;

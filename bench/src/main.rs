@@ -12,16 +12,25 @@
 //! - `idle`: Redis commands per second caused by idle waiting Leases ([`idle`]);
 //! - `baseline`: the lease and complete scripts called directly, without gRPC ([`baseline`]);
 //! - `scale` (only with `--prefill`): enqueue and drain on a queue already holding many items,
-//!   and Redis bytes per queued item ([`scale`]).
+//!   and Redis bytes per queued item ([`scale`]);
+//! - `shards`: many queues at once, and each Redis server's CPU and commands per item
+//!   ([`shards`]).
+//!
+//! `--redis-mode cluster` makes the private Redis a Redis Cluster of three masters with a
+//! replica each ([`cluster`]; `--cluster-replicas` changes that); the phases that read one Redis server (`idle`, `baseline`, the
+//! bytes of `scale`) are skipped there, and `shards` also runs on a private standalone Redis in
+//! the same invocation, for the standalone cost per item beside each master's.
 //!
 //! It prints tables and, with `--json FILE`, writes the figures as JSON; `--peers-csv FILE`
 //! writes them in the line format of the peers' harness ([`peers`]).
 
 mod baseline;
+mod cluster;
 mod idle;
 mod latency;
 mod peers;
 mod scale;
+mod shards;
 mod stats;
 mod wakeup;
 
@@ -36,7 +45,10 @@ use futures_util::stream;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use wq_client::{Client, pb};
-use wq_server::config::BrokerConfig;
+use wq_server::{
+    config::BrokerConfig,
+    connection::{RedisMode, RedisTarget},
+};
 use wq_worker::{ExitPolicy, Handler, LeasedItem, Outcome, Worker, WorkerConfig};
 
 use crate::stats::{Percentiles, ms};
@@ -51,6 +63,38 @@ enum Phase {
     Wakeup,
     Idle,
     Baseline,
+    Shards,
+}
+
+/// The phases run when `--phases` is not given.
+const DEFAULT_PHASES: &[Phase] = &[
+    Phase::Enqueue,
+    Phase::Drain,
+    Phase::E2e,
+    Phase::Latency,
+    Phase::Wakeup,
+    Phase::Idle,
+    Phase::Baseline,
+];
+
+/// The same on a cluster: those that read one Redis server are replaced by `shards`.
+const DEFAULT_CLUSTER_PHASES: &[Phase] = &[
+    Phase::Enqueue,
+    Phase::Drain,
+    Phase::E2e,
+    Phase::Latency,
+    Phase::Wakeup,
+    Phase::Shards,
+];
+
+/// `--redis-mode`: the broker's own modes, of which the bench starts these two privately.
+fn bench_redis_mode(value: &str) -> Result<RedisMode, String> {
+    match RedisMode::from_str(value, true)? {
+        mode @ (RedisMode::Standalone | RedisMode::Cluster) => Ok(mode),
+        RedisMode::Sentinel => {
+            Err("wq-bench starts standalone or cluster only (no sentinel)".to_owned())
+        }
+    }
 }
 
 #[derive(Debug, Parser)]
@@ -74,14 +118,22 @@ struct Args {
     /// Items each worker leases ahead of its free slots (`wq-worker --prefetch`).
     #[arg(long, default_value_t = 0)]
     prefetch: u32,
-    /// The phases to run, comma separated.
+    /// The phases to run, comma separated [default: enqueue,drain,e2e,latency,wakeup,idle,
+    /// baseline; with `--redis-mode cluster`: enqueue,drain,e2e,latency,wakeup,shards].
+    #[arg(long, value_enum, value_delimiter = ',')]
+    phases: Option<Vec<Phase>>,
+    /// The private Redis: one server, or a Redis Cluster of three masters with a replica each
+    /// (the broker's `--redis-mode`; `sentinel` is not offered here).
     #[arg(
         long,
-        value_enum,
-        value_delimiter = ',',
-        default_value = "enqueue,drain,e2e,latency,wakeup,idle,baseline"
+        default_value = "standalone",
+        value_parser = bench_redis_mode,
+        conflicts_with = "broker"
     )]
-    phases: Vec<Phase>,
+    redis_mode: RedisMode,
+    /// With `--redis-mode cluster`: replicas of each of the three masters [default: 1].
+    #[arg(long, value_parser = clap::value_parser!(u8).range(0..=2))]
+    cluster_replicas: Option<u8>,
     /// A running broker to measure instead of a private one.
     #[arg(long)]
     broker: Option<String>,
@@ -116,6 +168,16 @@ struct Args {
     /// measured; 0 skips the phase.
     #[arg(long, default_value_t = 0)]
     prefill: usize,
+    /// shards: queues the N items are spread over (on a cluster, as many on each master).
+    #[arg(long, default_value_t = 12)]
+    shard_queues: usize,
+    /// shards: worker slots on each queue.
+    #[arg(long, default_value_t = 4)]
+    shard_workers: u32,
+    /// shards, with `--redis-mode cluster`: put the queues on this many of the masters only
+    /// (1: all on one, the others idle) [default: all].
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=3))]
+    shard_masters: Option<u8>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -130,7 +192,26 @@ struct Args {
 
 impl Args {
     fn runs(&self, phase: Phase) -> bool {
-        self.phases.contains(&phase)
+        match &self.phases {
+            Some(phases) => phases.contains(&phase),
+            None if self.redis_mode == RedisMode::Cluster => {
+                DEFAULT_CLUSTER_PHASES.contains(&phase)
+            }
+            None => DEFAULT_PHASES.contains(&phase),
+        }
+    }
+
+    fn on_cluster(&self) -> bool {
+        self.redis_mode == RedisMode::Cluster
+    }
+
+    /// Says why a phase that reads one Redis server is skipped.
+    fn skip(&self, phase: &str) {
+        if self.on_cluster() {
+            eprintln!("{phase}: skipped on --redis-mode cluster (it reads one Redis server)");
+        } else {
+            eprintln!("{phase}: skipped (give --redis with --broker)");
+        }
     }
 }
 
@@ -166,7 +247,7 @@ struct LatencyRow {
     percentiles: Percentiles,
 }
 
-/// A broker served from this process, on a Redis URL.
+/// A broker served from this process.
 struct InProcessBroker {
     url: String,
     stop: CancellationToken,
@@ -174,14 +255,14 @@ struct InProcessBroker {
 }
 
 impl InProcessBroker {
-    async fn start(redis_url: &str) -> anyhow::Result<Self> {
+    async fn start(redis: RedisTarget) -> anyhow::Result<Self> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let stop = CancellationToken::new();
         let stopped = stop.clone();
         let server = tokio::spawn(wq_server::serve(
             listener,
-            redis::Client::open(redis_url).context("Redis URL")?,
+            redis,
             BrokerConfig::default(),
             async move { stopped.cancelled().await },
         ));
@@ -202,19 +283,40 @@ impl InProcessBroker {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    anyhow::ensure!(
+        args.on_cluster() || (args.cluster_replicas.is_none() && args.shard_masters.is_none()),
+        "--cluster-replicas and --shard-masters need --redis-mode cluster"
+    );
     // Kept alive for the whole run.
     let mut private_redis = None;
+    let mut private_cluster = None;
     let mut private_broker = None;
-    let (url, redis_url) = match &args.broker {
-        Some(url) => (url.clone(), args.redis.clone()),
-        None => {
+    // `redis_url` is the one Redis server that some phases read (none on a cluster); `target`
+    // is what the brokers those phases start are given.
+    let (url, redis_url, target) = match (&args.broker, args.redis_mode) {
+        (Some(url), _) => {
+            let target = args.redis.as_deref().map(standalone_target).transpose()?;
+            (url.clone(), args.redis.clone(), target)
+        }
+        (None, RedisMode::Cluster) => {
+            let replicas = args.cluster_replicas.map_or(1, usize::from);
+            let cluster = cluster::Cluster::start(replicas).await?;
+            let target = cluster.target()?;
+            let broker = InProcessBroker::start(target.clone()).await?;
+            let url = broker.url.clone();
+            private_cluster = Some(cluster);
+            private_broker = Some(broker);
+            (url, None, Some(target))
+        }
+        (None, _) => {
             let redis = wq_server::dev::RedisProcess::start().await?;
             let redis_url = redis.url();
-            let broker = InProcessBroker::start(&redis_url).await?;
+            let target = standalone_target(&redis_url)?;
+            let broker = InProcessBroker::start(target.clone()).await?;
             let url = broker.url.clone();
             private_redis = Some(redis);
             private_broker = Some(broker);
-            (url, Some(redis_url))
+            (url, Some(redis_url), Some(target))
         }
     };
     let client = connect(&url).await?;
@@ -224,6 +326,7 @@ async fn main() -> anyhow::Result<()> {
     let mut latency_rows = Vec::new();
     let mut idle_report = None;
     let mut scale_report: Option<scale::Report> = None;
+    let mut shard_reports = Vec::new();
 
     if args.runs(Phase::Enqueue) {
         let queue = format!("{run}-enqueue");
@@ -313,7 +416,7 @@ async fn main() -> anyhow::Result<()> {
                     seconds,
                 });
             }
-            None => eprintln!("baseline: skipped (give --redis with --broker)"),
+            None => args.skip("baseline"),
         }
     }
 
@@ -347,13 +450,13 @@ async fn main() -> anyhow::Result<()> {
     }
 
     if args.runs(Phase::Wakeup) {
-        match &redis_url {
-            Some(redis_url) => {
+        match &target {
+            Some(target) => {
                 let queue = format!("{run}-wakeup");
                 queues.push(queue.clone());
                 // Two more replicas, so neither is the one the other phases warmed up.
-                let replica_a = InProcessBroker::start(redis_url).await?;
-                let replica_b = InProcessBroker::start(redis_url).await?;
+                let replica_a = InProcessBroker::start(target.clone()).await?;
+                let replica_b = InProcessBroker::start(target.clone()).await?;
                 let waiter = connect(&replica_a.url).await?;
                 let producer = connect(&replica_b.url).await?;
                 let rounds = args
@@ -370,7 +473,7 @@ async fn main() -> anyhow::Result<()> {
                 replica_a.stop().await?;
                 replica_b.stop().await?;
             }
-            None => eprintln!("wakeup: skipped (give --redis with --broker)"),
+            None => args.skip("wakeup"),
         }
     }
 
@@ -390,7 +493,7 @@ async fn main() -> anyhow::Result<()> {
                     idle::run(&url, redis_url, &queue, &settings).await?,
                 ));
             }
-            None => eprintln!("idle: skipped (give --redis with --broker)"),
+            None => args.skip("idle"),
         }
     }
 
@@ -422,7 +525,54 @@ async fn main() -> anyhow::Result<()> {
         scale_report = Some(report);
     }
 
+    if args.runs(Phase::Shards) {
+        let stem = format!("{run}-shard");
+        match &private_cluster {
+            Some(cluster) => {
+                let masters = args.shard_masters.map(usize::from);
+                let (names, holder) =
+                    spread_over(cluster, &stem, args.shard_queues, masters).await?;
+                queues.extend(names.iter().cloned());
+                let setup = shards::Setup {
+                    name: "cluster",
+                    client: &client,
+                    nodes: cluster.nodes().await?,
+                    holder,
+                };
+                shard_reports.push(shards::run(&setup, &names, args.shard_workers, &args).await?);
+                shard_reports.push(shards_on_standalone(&names, &args).await?);
+            }
+            None => {
+                let names: Vec<String> = (0..args.shard_queues)
+                    .map(|i| format!("{stem}-{i}"))
+                    .collect();
+                queues.extend(names.iter().cloned());
+                let nodes = match &redis_url {
+                    Some(url) => vec![cluster::Node::standalone(url)?],
+                    None => Vec::new(),
+                };
+                let holder = match nodes.first() {
+                    Some(node) => names
+                        .iter()
+                        .map(|q| (q.clone(), node.address.clone()))
+                        .collect(),
+                    None => Default::default(),
+                };
+                let setup = shards::Setup {
+                    name: "standalone",
+                    client: &client,
+                    nodes,
+                    holder,
+                };
+                shard_reports.push(shards::run(&setup, &names, args.shard_workers, &args).await?);
+            }
+        }
+    }
+
     print_tables(&rows, &latency_rows, idle_report.as_ref());
+    for report in &shard_reports {
+        shards::print(report, args.shard_workers);
+    }
     let bytes_per_item = scale_report.as_ref().and_then(|r| r.bytes_per_item);
     if let Some(bytes) = bytes_per_item {
         println!(
@@ -440,11 +590,16 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(path) = &args.json {
         let mut json = to_json(&args, &rows, &latency_rows, idle_report.as_ref());
-        if let (Some(bytes), serde_json::Value::Array(records)) = (bytes_per_item, &mut json) {
-            records.push(serde_json::json!({
-                "phase": "scale", "prefill": args.prefill, "payload_bytes": args.payload,
-                "redis_bytes_per_item": bytes,
-            }));
+        if let serde_json::Value::Array(records) = &mut json {
+            if let Some(bytes) = bytes_per_item {
+                records.push(serde_json::json!({
+                    "phase": "scale", "prefill": args.prefill, "payload_bytes": args.payload,
+                    "redis_bytes_per_item": bytes,
+                }));
+            }
+            for report in &shard_reports {
+                records.extend(shards::to_json(report, args.shard_workers, &args));
+            }
         }
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -458,7 +613,63 @@ async fn main() -> anyhow::Result<()> {
     if let Some(mut redis) = private_redis {
         redis.kill().await;
     }
+    drop(private_cluster);
     Ok(())
+}
+
+fn standalone_target(url: &str) -> anyhow::Result<RedisTarget> {
+    RedisTarget::parse(RedisMode::Standalone, url, None)
+        .map_err(anyhow::Error::msg)
+        .context("--redis")
+}
+
+/// `count` queue names, as many on each of `cluster`'s masters (or of the first `masters` of
+/// them by address), and the master of each.
+async fn spread_over(
+    cluster: &cluster::Cluster,
+    stem: &str,
+    count: usize,
+    masters: Option<usize>,
+) -> anyhow::Result<(Vec<String>, std::collections::HashMap<String, String>)> {
+    let mut ranges = cluster.slot_ranges().await?;
+    if let Some(masters) = masters {
+        let mut chosen: Vec<String> = ranges.iter().map(|(_, _, m)| m.clone()).collect();
+        chosen.sort_unstable();
+        chosen.dedup();
+        chosen.truncate(masters);
+        ranges.retain(|(_, _, master)| chosen.contains(master));
+    }
+    let prefix = BrokerConfig::default().key_prefix;
+    shards::balanced_queues(stem, count, &ranges, |queue| {
+        // The slot of a key the broker uses, so the hash tag is the broker's own.
+        let key = wq_server::keys::QueueKeys::new(&prefix, &queue).ready;
+        async move { cluster.slot_of(&key).await }
+    })
+    .await
+}
+
+/// The `shards` workload on a private standalone Redis and broker of its own, with the same
+/// queue names, for the standalone cost per item beside a cluster's.
+async fn shards_on_standalone(names: &[String], args: &Args) -> anyhow::Result<shards::Report> {
+    let mut redis = wq_server::dev::RedisProcess::start().await?;
+    let broker = InProcessBroker::start(standalone_target(&redis.url())?).await?;
+    let client = connect(&broker.url).await?;
+    let node = cluster::Node::standalone(&redis.url())?;
+    let holder = names
+        .iter()
+        .map(|q| (q.clone(), node.address.clone()))
+        .collect();
+    let setup = shards::Setup {
+        name: "standalone",
+        client: &client,
+        nodes: vec![node],
+        holder,
+    };
+    let report = shards::run(&setup, names, args.shard_workers, args).await;
+    drop(client);
+    broker.stop().await?;
+    redis.kill().await;
+    report
 }
 
 fn print_tables(

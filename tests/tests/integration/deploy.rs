@@ -1,13 +1,14 @@
-//! deploy/: the kustomize base and the TLS overlay render offline and validate against the
-//! Kubernetes schemas; every pod passes the Pod Security "restricted" profile; the network
-//! policies let only the broker reach Redis and only labelled clients reach the broker; Redis'
-//! ACL, applied to a real redis-server, admits the broker with the rendered `WQ_REDIS_URL` and
-//! nothing else; the overlay's demo certificate serves its exec probe (`wq health`, run here
-//! against `https://127.0.0.1`). The seed
-//! and worker Jobs, run as local processes with their own commands, args and env (tokens from
-//! the rendered Secrets; only the broker address pointed at a local broker that uses the
-//! Deployment's token table), do the walkthrough — so the manifests can never drift from the
-//! binaries' flags, and the demo tokens' roles are exactly enough (the seeder is not admin).
+//! deploy/: the kustomize base and its overlays (TLS, an external Redis Cluster) render offline
+//! and validate against the Kubernetes schemas; every pod passes the Pod Security "restricted"
+//! profile; the network policies let only the broker reach Redis and only labelled clients reach
+//! the broker; Redis' ACL, applied to a real redis-server, admits the broker with the rendered
+//! `WQ_REDIS_URL` and nothing else; the TLS overlay's demo certificate serves its exec probe
+//! (`wq health`, run here against `https://127.0.0.1`); the cluster overlay drops the bundled
+//! Redis, and its rendered broker serves on a local cluster. The seed and worker Jobs, run as
+//! local processes with their own commands, args and env (tokens from the rendered Secrets; only
+//! the broker address pointed at a local broker that uses the Deployment's token table), do the
+//! walkthrough — so the manifests can never drift from the binaries' flags, and the demo tokens'
+//! roles are exactly enough (the seeder is not admin).
 
 use std::{path::PathBuf, process::Stdio, time::Duration};
 
@@ -221,25 +222,35 @@ fn assert_restricted(docs: &[Value]) -> usize {
 /// Only the broker reaches Redis; only pods labelled `wq-access: broker` reach the broker, and
 /// both Jobs carry the label.
 fn assert_network_policies(docs: &[Value]) {
-    let only_from = |policy: &Value, selector: (&str, &str), port: u64| {
-        let ingress = policy["spec"]["ingress"].as_array().expect("ingress rules");
-        assert_eq!(ingress.len(), 1, "{policy}");
-        let from = ingress[0]["from"].as_array().expect("from");
-        assert_eq!(from.len(), 1, "{policy}");
-        assert_eq!(
-            from[0]["podSelector"]["matchLabels"],
-            serde_json::json!({ selector.0: selector.1 }),
-            "{policy}"
-        );
-        assert_eq!(ingress[0]["ports"][0]["port"], port, "{policy}");
-        assert_eq!(
-            policy["spec"]["policyTypes"],
-            serde_json::json!(["Ingress"])
-        );
-    };
     let redis = find(docs, "NetworkPolicy", "redis");
     assert_eq!(redis["spec"]["podSelector"]["matchLabels"]["app"], "redis");
     only_from(redis, ("app", "wq-server"), 6379);
+    assert_broker_ingress(docs);
+    let redis_labels =
+        &find(docs, "StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"];
+    assert_ne!(redis_labels["wq-access"], "broker");
+}
+
+/// `policy` admits ingress only from pods with the label `selector`, on `port`.
+fn only_from(policy: &Value, selector: (&str, &str), port: u64) {
+    let ingress = policy["spec"]["ingress"].as_array().expect("ingress rules");
+    assert_eq!(ingress.len(), 1, "{policy}");
+    let from = ingress[0]["from"].as_array().expect("from");
+    assert_eq!(from.len(), 1, "{policy}");
+    assert_eq!(
+        from[0]["podSelector"]["matchLabels"],
+        serde_json::json!({ selector.0: selector.1 }),
+        "{policy}"
+    );
+    assert_eq!(ingress[0]["ports"][0]["port"], port, "{policy}");
+    assert_eq!(
+        policy["spec"]["policyTypes"],
+        serde_json::json!(["Ingress"])
+    );
+}
+
+/// Only pods labelled `wq-access: broker` reach the broker, and both Jobs carry the label.
+fn assert_broker_ingress(docs: &[Value]) {
     let broker = find(docs, "NetworkPolicy", "wq-server");
     assert_eq!(
         broker["spec"]["podSelector"]["matchLabels"]["app"],
@@ -250,9 +261,6 @@ fn assert_network_policies(docs: &[Value]) {
         let labels = &find(docs, "Job", job)["spec"]["template"]["metadata"]["labels"];
         assert_eq!(labels["wq-access"], "broker", "{job} may reach the broker");
     }
-    let redis_labels =
-        &find(docs, "StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"];
-    assert_ne!(redis_labels["wq-access"], "broker");
 }
 
 /// A Secret's value.
@@ -513,13 +521,13 @@ async fn the_tls_overlay_serves_tls_and_probes_it_inside_the_pod() {
     );
 }
 
-#[tokio::test]
-async fn job_manifests_run_locally_do_the_walkthrough() {
-    let rendered = render().await;
+/// What a test needs to run the rendered Jobs and Deployments as local processes
+/// (`tests/python/job_commands.py`).
+async fn job_commands(rendered: &str) -> Value {
     let extracted = pipe(
         tool("python"),
         &[workspace().join("tests/python/job_commands.py")],
-        &rendered,
+        rendered,
     )
     .await;
     assert!(
@@ -527,61 +535,55 @@ async fn job_manifests_run_locally_do_the_walkthrough() {
         "{}",
         String::from_utf8_lossy(&extracted.stderr)
     );
-    let manifests: serde_json::Value = serde_json::from_slice(&extracted.stdout).expect("json");
-    let find = |kind: &str, name: &str| {
-        manifests[kind]
-            .as_array()
-            .expect("a list")
-            .iter()
-            .find(|j| j["name"] == name)
-            .unwrap_or_else(|| panic!("{kind} {name} in deploy/base"))
-            .clone()
-    };
+    serde_json::from_slice(&extracted.stdout).expect("json")
+}
 
-    // The broker requires tokens, with the table the Deployment mounts from its Secret.
-    let server = find("deployments", "wq-server");
-    let table_path = server["env"]["WQ_AUTH_TOKENS"]
-        .as_str()
-        .expect("wq-server gets WQ_AUTH_TOKENS");
-    let table = server["files"][table_path]
-        .as_str()
-        .expect("the token table is mounted from a Secret");
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let mut config = test_config();
-    config.security.auth_tokens = Some(dir.path().join("tokens"));
-    std::fs::write(dir.path().join("tokens"), table).expect("writing the token table");
-    let redis = redis().await;
-    let broker = Broker::start_with(&redis.url(), config).await;
+/// The entry of `kind` (`jobs`, `deployments`) named `name` in [`job_commands`]' output.
+fn manifest(manifests: &Value, kind: &str, name: &str) -> Value {
+    manifests[kind]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .find(|j| j["name"] == name)
+        .unwrap_or_else(|| panic!("{kind} {name} in the rendered manifests"))
+        .clone()
+}
 
-    let spawn = |job: &serde_json::Value| {
-        let argv: Vec<&str> = job["argv"]
-            .as_array()
-            .expect("argv")
-            .iter()
-            .map(|a| a.as_str().expect("string arg"))
-            .collect();
-        let mut command = Command::new(binary(argv[0]));
-        command.args(&argv[1..]);
-        for (name, value) in job["env"].as_object().expect("env") {
-            command.env(name, value.as_str().expect("string env"));
-        }
-        // The only change: the cluster's broker Service is this test's broker.
-        command
-            .env("WQ_BROKER", broker.url())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("the job's command starts")
-    };
+/// Starts a Job's container command with its env, the broker Service replaced by `broker`.
+fn spawn_job(job: &Value, broker: &str) -> tokio::process::Child {
+    let argv: Vec<&str> = job["argv"]
+        .as_array()
+        .expect("argv")
+        .iter()
+        .map(|a| a.as_str().expect("string arg"))
+        .collect();
+    let mut command = Command::new(binary(argv[0]));
+    command.args(&argv[1..]);
+    for (name, value) in job["env"].as_object().expect("env") {
+        command.env(name, value.as_str().expect("string env"));
+    }
+    // The only change: the cluster's broker Service is this test's broker.
+    command
+        .env("WQ_BROKER", broker)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the job's command starts")
+}
 
+/// Runs the walkthrough's Jobs against `broker`: the worker Job's pods, then the seed Job;
+/// checks that every item was worked on once and the workers exited 0.
+async fn run_walkthrough(manifests: &Value, broker: &str) {
     // Workers first, as pods may start before the seed Job: they wait for the sealed queue.
-    let worker_job = &find("jobs", "job-wq-2");
+    let worker_job = &manifest(manifests, "jobs", "job-wq-2");
     let parallelism = worker_job["parallelism"].as_u64().expect("parallelism");
     assert_eq!(parallelism, 2);
-    let workers: Vec<_> = (0..parallelism).map(|_| spawn(worker_job)).collect();
+    let workers: Vec<_> = (0..parallelism)
+        .map(|_| spawn_job(worker_job, broker))
+        .collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let seed = spawn(&find("jobs", "job-wq-seed"));
+    let seed = spawn_job(&manifest(manifests, "jobs", "job-wq-seed"), broker);
     let seeded = seed.wait_with_output().await.expect("seed ends");
     assert!(
         seeded.status.success(),
@@ -606,6 +608,29 @@ async fn job_manifests_run_locally_do_the_walkthrough() {
             .count();
     }
     assert_eq!(worked, 9);
+}
+
+#[tokio::test]
+async fn job_manifests_run_locally_do_the_walkthrough() {
+    let manifests = job_commands(&render().await).await;
+
+    // The broker requires tokens, with the table the Deployment mounts from its Secret.
+    let server = manifest(&manifests, "deployments", "wq-server");
+    let table_path = server["env"]["WQ_AUTH_TOKENS"]
+        .as_str()
+        .expect("wq-server gets WQ_AUTH_TOKENS");
+    let table = server["files"][table_path]
+        .as_str()
+        .expect("the token table is mounted from a Secret");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let mut config = test_config();
+    config.security.auth_tokens = Some(dir.path().join("tokens"));
+    std::fs::write(dir.path().join("tokens"), table).expect("writing the token table");
+    let redis = redis().await;
+    let broker = Broker::start_with(&redis.url(), config).await;
+
+    run_walkthrough(&manifests, &broker.url()).await;
+    let worker_job = manifest(&manifests, "jobs", "job-wq-2");
     // The harness's client carries no token: the broker must refuse it.
     let mut client = broker.client().await;
     let refused = client
@@ -623,4 +648,205 @@ async fn job_manifests_run_locally_do_the_walkthrough() {
     .expect("connecting with the worker Job's token");
     let s = as_worker.queue_state("job2").await.expect("queue state");
     assert_eq!((s.completed_total, s.sealed, s.drained), (9, true, true));
+}
+
+/// Whether `doc` is named `name`, or `name` with a generated hash suffix (not a longer name
+/// that starts with it, as `wq-redis-cluster` starts with `wq-redis`).
+fn named(doc: &Value, name: &str) -> bool {
+    let Some(actual) = doc["metadata"]["name"].as_str() else {
+        return false;
+    };
+    actual == name
+        || actual
+            .strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('-'))
+            .is_some_and(|hash| hash.len() == 10 && hash.chars().all(|c| c.is_ascii_alphanumeric()))
+}
+
+/// The ports (protocol, port) that the egress rules of `policy` allow towards destinations
+/// chosen by `to` (e.g. an `ipBlock`).
+fn egress_ports(policy: &Value, to: &str) -> Vec<(String, u64)> {
+    let rules = policy["spec"]["egress"].as_array().expect("egress rules");
+    rules
+        .iter()
+        .filter(|rule| {
+            rule["to"]
+                .as_array()
+                .is_some_and(|peers| peers.iter().any(|peer| !peer[to].is_null()))
+        })
+        .flat_map(|rule| rule["ports"].as_array().cloned().unwrap_or_default())
+        .map(|port| {
+            (
+                port["protocol"].as_str().unwrap_or("TCP").to_owned(),
+                port["port"].as_u64().expect("a numbered port"),
+            )
+        })
+        .collect()
+}
+
+/// The Redis Cluster overlay renders and validates like the base, every pod restricted; the
+/// bundled Redis (StatefulSet, Service, NetworkPolicy, Secret) is gone; the broker gets
+/// `WQ_REDIS_MODE=cluster`, `WQ_REDIS_WAIT_REPLICAS=1` and `WQ_REDIS_URL` from the Secret, whose
+/// placeholder seed nodes parse as cluster URLs on `.invalid` hosts; its egress reaches DNS and
+/// the seeds' client port, not the cluster bus port. Then the rendered broker, as a process
+/// with the Deployment's args and env (only the seed URLs and the token file's path pointed at
+/// this test's cluster and files), serves the walkthrough's Jobs on a local three-master
+/// cluster: the env names are the broker's flags and the settings work together.
+#[tokio::test]
+async fn the_redis_cluster_overlay_points_the_broker_at_an_external_cluster() {
+    let rendered = render_dir("deploy/overlays/redis-cluster").await;
+    validate(&rendered).await;
+    let docs = documents(&rendered).await;
+    assert_eq!(
+        assert_restricted(&docs),
+        3,
+        "the broker and the two Jobs, each restricted; no Redis pod"
+    );
+    assert_broker_ingress(&docs);
+    for (kind, name) in [
+        ("StatefulSet", "redis"),
+        ("Service", "redis"),
+        ("NetworkPolicy", "redis"),
+        ("Secret", "wq-redis"),
+    ] {
+        assert!(
+            !docs.iter().any(|d| d["kind"] == kind && named(d, name)),
+            "the bundled {kind} {name} is removed"
+        );
+    }
+    assert!(!rendered.contains("redis:7"), "no Redis image left");
+
+    let server = find(&docs, "Deployment", "wq-server");
+    let env = container_env(server);
+    let entry = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    assert!(entry("REDIS_PASSWORD").is_null(), "{env:?}");
+    assert_eq!(entry("WQ_REDIS_MODE")["value"], "cluster");
+    assert_eq!(entry("WQ_REDIS_WAIT_REPLICAS")["value"], "1");
+    let url = entry("WQ_REDIS_URL");
+    assert!(
+        url["value"].is_null(),
+        "the URL carries the password: {url}"
+    );
+    let reference = &url["valueFrom"]["secretKeyRef"];
+    assert_eq!(reference["key"], "url");
+    assert!(
+        reference["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("wq-redis-cluster-")),
+        "{reference}"
+    );
+    let urls = secret(&docs, "wq-redis-cluster", "url");
+    assert!(!urls.ends_with('\n'), "no newline in the URL list");
+    RedisTarget::parse(wq_server::connection::RedisMode::Cluster, &urls, None)
+        .expect("the seed URLs parse as the broker parses them");
+    let seeds: Vec<::redis::ConnectionInfo> = urls
+        .split(',')
+        .map(|seed| ::redis::IntoConnectionInfo::into_connection_info(seed).expect("a URL"))
+        .collect();
+    assert!(seeds.len() >= 3, "several seed nodes: {urls}");
+
+    let egress = find(&docs, "NetworkPolicy", "wq-server-egress");
+    assert_eq!(
+        egress["spec"]["podSelector"]["matchLabels"],
+        serde_json::json!({"app": "wq-server"})
+    );
+    assert_eq!(egress["spec"]["policyTypes"], serde_json::json!(["Egress"]));
+    let to_nodes = egress_ports(egress, "ipBlock");
+    for seed in &seeds {
+        let ::redis::ConnectionAddr::Tcp(host, port) = seed.addr() else {
+            panic!("a TCP seed: {}", seed.addr());
+        };
+        assert!(host.ends_with(".invalid"), "an obvious placeholder: {host}");
+        let port = u64::from(*port);
+        assert!(
+            to_nodes.contains(&("TCP".to_owned(), port)),
+            "egress reaches the nodes' client port {port}: {to_nodes:?}"
+        );
+        assert!(
+            !to_nodes.iter().any(|(_, p)| *p == port + 10000),
+            "clients need no cluster bus port"
+        );
+    }
+    let dns = egress_ports(egress, "namespaceSelector");
+    for protocol in ["UDP", "TCP"] {
+        assert!(dns.contains(&(protocol.to_owned(), 53)), "DNS: {dns:?}");
+    }
+
+    // The rendered broker on a real cluster.
+    let manifests = job_commands(&rendered).await;
+    let server = manifest(&manifests, "deployments", "wq-server");
+    let server_env = server["env"].as_object().expect("env");
+    assert_eq!(
+        server_env["WQ_REDIS_URL"],
+        urls.as_str(),
+        "resolved from the Secret"
+    );
+    let table_path = server_env["WQ_AUTH_TOKENS"].as_str().expect("a token file");
+    let table = server["files"][table_path].as_str().expect("mounted");
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    std::fs::write(dir.path().join("tokens"), table).expect("writing the token table");
+    let cluster = wq_tests::cluster::RedisCluster::start().await;
+    let argv: Vec<&str> = server["argv"]
+        .as_array()
+        .expect("argv")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    assert!(argv.contains(&"0.0.0.0:50051"), "{argv:?}");
+    let mut started = None;
+    for _ in 0..3 {
+        let address = format!("127.0.0.1:{}", free_port());
+        let mut command = Command::new(binary(argv[0]));
+        for arg in &argv[1..] {
+            command.arg(if *arg == "0.0.0.0:50051" {
+                &address
+            } else {
+                *arg
+            });
+        }
+        for (name, value) in server_env {
+            command.env(name, value.as_str().expect("string env"));
+        }
+        let mut child = command
+            .env("WQ_REDIS_URL", cluster.urls())
+            .env("WQ_AUTH_TOKENS", dir.path().join("tokens"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("wq-server starts");
+        let url = format!("http://{address}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while tokio::time::Instant::now() < deadline {
+            if child.try_wait().expect("its status").is_some() {
+                break; // the port was taken meanwhile, or the env was refused
+            }
+            if health_of(&url, None).await == Some(health::ServingStatus::Serving) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if child.try_wait().expect("its status").is_none() {
+            started = Some((child, url));
+            break;
+        }
+        let output = child.wait_with_output().await.expect("its output");
+        eprintln!(
+            "wq-server exited: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let (server_process, url) = started.expect("the rendered broker serves on the cluster");
+    assert_eq!(
+        health_of(&url, None).await,
+        Some(health::ServingStatus::Serving)
+    );
+    run_walkthrough(&manifests, &url).await;
+    drop(server_process);
 }
