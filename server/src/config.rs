@@ -73,7 +73,8 @@ pub struct BrokerConfig {
     /// Acknowledge an Enqueue, Complete, Fail or operator's change only once `WAIT` confirms
     /// its write reached this many replicas (0: do not wait). Redis replicates asynchronously:
     /// without it, a failover can lose acknowledged writes. A wait that times out answers
-    /// UNAVAILABLE (the write may have applied). Standalone and sentinel modes only.
+    /// UNAVAILABLE (the write may have applied). On a cluster, each write waits for the
+    /// replicas of its slot's master.
     #[arg(long, env = "WQ_REDIS_WAIT_REPLICAS", default_value_t = 0)]
     pub redis_wait_replicas: u32,
 
