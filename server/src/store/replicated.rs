@@ -25,9 +25,7 @@ use std::{
 };
 
 use redis::{
-    ConnectionAddr, ConnectionInfo, ScriptInvocation, ServerErrorKind, Value,
-    cluster_async::ClusterConnection,
-    cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr},
+    ConnectionAddr, ConnectionInfo, ScriptInvocation, ServerErrorKind, Value, cluster_routing::Slot,
 };
 use tokio::sync::Mutex;
 
@@ -113,16 +111,13 @@ impl ReplicatedWrites {
         wait: Duration,
     ) -> redis::RedisResult<Self> {
         let destination = match (target, conn) {
-            (RedisTarget::Cluster(seeds), RedisConnection::Cluster(cluster)) => {
-                Destination::Cluster(ClusterWriters {
-                    cluster: cluster.clone(),
-                    seeds: seeds.clone(),
-                    timeout,
-                    next_seed: AtomicUsize::new(0),
-                    slots: std::sync::Mutex::new(HashMap::new()),
-                    nodes: std::sync::Mutex::new(HashMap::new()),
-                })
-            }
+            (RedisTarget::Cluster(seeds), _) => Destination::Cluster(ClusterWriters {
+                seeds: seeds.clone(),
+                timeout,
+                next_seed: AtomicUsize::new(0),
+                slots: std::sync::Mutex::new(HashMap::new()),
+                nodes: std::sync::Mutex::new(HashMap::new()),
+            }),
             (_, RedisConnection::Sentinel(master)) => Destination::Server(Writers {
                 writers: (0..WRITE_CONNECTIONS)
                     .map(|slot| Mutex::new(Writer::Sentinel(Arc::clone(master), slot)))
@@ -214,8 +209,6 @@ const MAX_REDIRECTIONS: usize = 8;
 /// of our own to that node, made when first needed. Which master serves a slot is learnt from
 /// `MOVED` replies (a write sent to the wrong node does not run), starting from the seeds.
 pub(crate) struct ClusterWriters {
-    /// The store's cluster connection, asked which master serves a slot.
-    cluster: ClusterConnection,
     /// `--redis-url`'s nodes; their credentials and TLS settings are used for every node.
     seeds: Vec<ConnectionInfo>,
     timeout: Duration,
@@ -232,14 +225,13 @@ impl ClusterWriters {
         call: &ScriptInvocation<'_>,
         wait: &redis::Cmd,
     ) -> Result<(Value, i64)> {
-        let key = QueueKeys::new("", queue).ready;
-        let slot = Slot::for_key(key.as_bytes());
+        let slot = Slot::for_key(QueueKeys::new("", queue).ready.as_bytes());
         let mut asking: Option<String> = None;
         let mut last_error = None;
         for attempt in 0..MAX_REDIRECTIONS {
             let node = match &asking {
                 Some(node) => node.clone(),
-                None => self.node_of(slot, &key).await,
+                None => self.node_of(slot),
             };
             let writers = self.writers_of(&node)?;
             let mut writer = writers.free().await;
@@ -294,10 +286,10 @@ impl ClusterWriters {
         ))
     }
 
-    /// The node to send a write for `slot` (of `key`) to: the one last known to serve it, or
-    /// the master the cluster connection routes the slot to (it follows the topology), or a
-    /// seed (which redirects a write of a slot not its own).
-    async fn node_of(&self, slot: Slot, key: &str) -> String {
+    /// The node to send a write for `slot` to: the one last known to serve it, or the next
+    /// seed (which redirects a write of a slot not its own with `MOVED`, naming the node in
+    /// the endpoint the cluster prefers, a hostname where TLS certificates need one).
+    fn node_of(&self, slot: Slot) -> String {
         if let Some(node) = self
             .slots
             .lock()
@@ -306,27 +298,11 @@ impl ClusterWriters {
         {
             return node;
         }
-        if let Some(node) = self.master_by_cluster(key).await {
-            return node;
-        }
         let seed = self.next_seed.fetch_add(1, Ordering::Relaxed) % self.seeds.len().max(1);
         self.seeds
             .get(seed)
             .map(|info| info.addr().to_string())
             .unwrap_or_default()
-    }
-
-    /// The address the master serving `key`'s slot gives itself (`CLUSTER NODES`, `myself`),
-    /// asked through the cluster connection.
-    async fn master_by_cluster(&self, key: &str) -> Option<String> {
-        let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
-            Route::with_key(key, SlotAddr::Master),
-        ));
-        let mut cluster = self.cluster.clone();
-        let asked = cluster.route_command(redis::cmd("CLUSTER").arg("NODES").clone(), routing);
-        let nodes = tokio::time::timeout(self.timeout, asked).await.ok()?.ok()?;
-        let nodes: String = redis::from_redis_value(nodes).ok()?;
-        myself_address(&nodes)
     }
 
     fn learn(&self, slot: Slot, node: String) {
@@ -364,20 +340,7 @@ impl ClusterWriters {
     }
 }
 
-/// The `host:port` of the `myself` line of a `CLUSTER NODES` reply (`<id> <ip:port@bus[,host]>
-/// <flags> ...`), unless the node does not know its own address.
-fn myself_address(nodes: &str) -> Option<String> {
-    let line = nodes.lines().find(|line| {
-        line.split_whitespace()
-            .nth(2)
-            .is_some_and(|flags| flags.split(',').any(|flag| flag == "myself"))
-    })?;
-    let address = line.split_whitespace().nth(1)?.split('@').next()?;
-    (!address.starts_with(':')).then(|| address.to_owned())
-}
-
-/// `seed`'s settings with the address `node` (`host:port`, as `MOVED` and `CLUSTER NODES` give
-/// it).
+/// `seed`'s settings with the address `node` (`host:port`, as `MOVED` gives it).
 fn node_info(seed: &ConnectionInfo, node: &str) -> Option<ConnectionInfo> {
     let (host, port) = node.rsplit_once(':')?;
     let host = host
@@ -457,18 +420,6 @@ mod tests {
     use redis::IntoConnectionInfo as _;
 
     use super::*;
-
-    #[test]
-    fn myself_is_found_in_cluster_nodes() {
-        let nodes = "a1 127.0.0.1:7002@17002 master - 0 1 2 connected 5461-10922\n\
-                     b2 127.0.0.1:7001@17001,node-1 myself,master - 0 0 1 connected 0-5460\n";
-        assert_eq!(myself_address(nodes).as_deref(), Some("127.0.0.1:7001"));
-        assert_eq!(
-            myself_address("c3 :7001@17001 myself,master - 0 0 0 connected\n"),
-            None
-        );
-        assert_eq!(myself_address(""), None);
-    }
 
     #[test]
     fn a_node_keeps_the_seeds_tls_and_credentials() {

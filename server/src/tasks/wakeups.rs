@@ -177,10 +177,7 @@ impl Listener {
                     None => std::future::pending().await,
                 }
             };
-            // Pushes first: a server-sent SUNSUBSCRIBE must be seen before the answer of a
-            // subscribe it overtook.
             tokio::select! {
-                biased;
                 () = stop.cancelled() => return,
                 push = push => self.on_push(push),
                 Some(done) = self.work.next() => self.on_done(done),
@@ -301,6 +298,8 @@ impl Listener {
                 queue,
                 result,
             } => {
+                // A server-sent SUNSUBSCRIBE that overtook this answer must be seen first.
+                self.take_pending_pushes();
                 if epoch != self.epoch {
                     return;
                 }
@@ -328,6 +327,17 @@ impl Listener {
                 }
             }
             Done::Unsubscribed => {}
+        }
+    }
+
+    /// Handles the pushes already received.
+    fn take_pending_pushes(&mut self) {
+        while let Some(push) = self
+            .connection
+            .as_mut()
+            .and_then(|connected| connected.pushes.try_recv().ok())
+        {
+            self.on_push(Some(push));
         }
     }
 
@@ -381,8 +391,10 @@ impl Listener {
                 {
                     subscription.last_fallback = now;
                     // One looks; when it finds items ready it wakes the next (see
-                    // `grpc::lease`).
+                    // `grpc::lease`). Waiters that end on a drained queue all look, as a
+                    // drain would have told them.
                     notifier.wake(queue, 1);
+                    notifier.wake(queue, 0);
                 }
                 return true;
             }
@@ -425,6 +437,8 @@ impl Listener {
 
 impl QueueSubscription {
     fn mark_down(&mut self, now: Instant) {
+        // A subscribe on its way may be answered for a subscription already lost.
+        self.dropped_in_flight |= self.in_flight;
         if self.up {
             // The first fallback look comes a period after the loss, by when most renewals
             // are done.
