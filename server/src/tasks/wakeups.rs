@@ -45,6 +45,13 @@ pub const LINGER: Duration = Duration::from_secs(30);
 /// How often the waiters of a queue whose subscription is down look for themselves.
 pub const FALLBACK_RECHECK: Duration = Duration::from_secs(1);
 
+/// How long a subscription renewed after Redis dropped it is not trusted: a renewal sent while
+/// the cluster still settles can land where the queue's messages no longer go (seen once in
+/// several runs right after a `CLUSTER FAILOVER`, as a wake-up that never came). Meanwhile one
+/// waiter looks every [`TICK`]; then the channel is subscribed again, where the cluster client
+/// routes it by then.
+pub const DISTRUST_AFTER_RENEWAL: Duration = Duration::from_secs(3);
+
 /// How often subscriptions are looked after: lingering ones ended, down ones retried.
 const TICK: Duration = Duration::from_millis(250);
 
@@ -147,6 +154,11 @@ struct QueueSubscription {
     last_waited: Instant,
     /// When its waiters were last woken because the subscription was down.
     last_fallback: Instant,
+    /// It was lost after it had been up, so its next success is a renewal (see
+    /// [`DISTRUST_AFTER_RENEWAL`]).
+    renewing: bool,
+    /// A renewal is not trusted until then; at that moment the channel is subscribed again.
+    distrusted_until: Option<Instant>,
 }
 
 struct Listener {
@@ -315,6 +327,9 @@ impl Listener {
                     Ok(()) => {
                         subscription.up = true;
                         subscription.retry_backoff = FIRST_RETRY;
+                        if std::mem::take(&mut subscription.renewing) {
+                            subscription.distrusted_until = Some(now + DISTRUST_AFTER_RENEWAL);
+                        }
                         // Whatever was published before this moment was not heard.
                         self.notifier.wake_everyone(&queue);
                     }
@@ -353,6 +368,8 @@ impl Listener {
                         up: false,
                         in_flight: false,
                         dropped_in_flight: false,
+                        renewing: false,
+                        distrusted_until: None,
                         retry_at: now,
                         retry_backoff: FIRST_RETRY,
                         last_waited: now,
@@ -385,9 +402,25 @@ impl Listener {
                 subscription.last_waited = now;
                 // Without a connection at all, Redis is likely down too: the waiters would only
                 // fail early. Its renewal wakes them all.
+                let distrusted = subscription.up
+                    && subscription
+                        .distrusted_until
+                        .is_some_and(|until| now < until);
+                if subscription.up
+                    && subscription
+                        .distrusted_until
+                        .is_some_and(|until| now >= until)
+                {
+                    // Subscribed again (a no-op where it already stands), without starting
+                    // another period of distrust.
+                    subscription.distrusted_until = None;
+                    subscription.up = false;
+                    subscription.retry_at = now;
+                }
                 if connected
-                    && !subscription.up
-                    && now >= subscription.last_fallback + FALLBACK_RECHECK
+                    && (distrusted
+                        || (!subscription.up
+                            && now >= subscription.last_fallback + FALLBACK_RECHECK))
                 {
                     subscription.last_fallback = now;
                     // One looks; when it finds items ready it wakes the next (see
@@ -440,6 +473,8 @@ impl QueueSubscription {
         // A subscribe on its way may be answered for a subscription already lost.
         self.dropped_in_flight |= self.in_flight;
         if self.up {
+            self.renewing = true;
+            self.distrusted_until = None;
             // The first fallback look comes a period after the loss, by when most renewals
             // are done.
             self.last_fallback = now;
