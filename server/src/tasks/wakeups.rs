@@ -400,8 +400,6 @@ impl Listener {
         self.queues.retain(|queue, subscription| {
             if notifier.has_waiters(queue) {
                 subscription.last_waited = now;
-                // Without a connection at all, Redis is likely down too: the waiters would only
-                // fail early. Its renewal wakes them all.
                 let distrusted = subscription.up
                     && subscription
                         .distrusted_until
@@ -417,6 +415,8 @@ impl Listener {
                     subscription.up = false;
                     subscription.retry_at = now;
                 }
+                // Without a connection at all, Redis is likely down too: the waiters would only
+                // fail early. Its renewal wakes them all.
                 if connected
                     && (distrusted
                         || (!subscription.up
