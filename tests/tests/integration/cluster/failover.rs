@@ -9,7 +9,7 @@ use std::{
 
 use wq_tests::{cluster::RedisCluster, *};
 
-use super::{Pace, cluster_config, cluster_with_brokers, drain};
+use super::{Pace, cluster_config, cluster_with_brokers, drain, seed_known_ids};
 
 /// The master of a busy queue is SIGKILLed mid-drain, with `--redis-wait-replicas 1`: its
 /// replica takes over, the brokers ride it out (calls in between answer UNAVAILABLE, never
@@ -30,15 +30,7 @@ async fn a_master_killed_mid_drain_fails_over_and_every_item_is_completed() {
     let queue = "q1";
     let master = cluster.master_of(queue).await;
     let mut producer = first.client().await;
-    let ids: Vec<String> = (0..600).map(|i| format!("item-{i}")).collect();
-    for chunk in ids.chunks(200) {
-        enqueue(
-            &mut producer,
-            queue,
-            chunk.iter().map(|id| item_with_id(id, "x")).collect(),
-        )
-        .await;
-    }
+    let ids = seed_known_ids(&mut producer, queue, 600).await;
 
     let done = Arc::new(Mutex::new(HashMap::new()));
     let mut running = Vec::new();

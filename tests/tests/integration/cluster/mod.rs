@@ -32,6 +32,21 @@ pub(super) async fn cluster_with_brokers(config: BrokerConfig) -> (RedisCluster,
     (cluster, first, second)
 }
 
+/// Enqueues `count` items with the ids `item-0`, `item-1`, … on `queue`, in batches of 200;
+/// returns the ids.
+pub(super) async fn seed_known_ids(client: &mut Client, queue: &str, count: usize) -> Vec<String> {
+    let ids: Vec<String> = (0..count).map(|i| format!("item-{i}")).collect();
+    for chunk in ids.chunks(200) {
+        enqueue(
+            client,
+            queue,
+            chunk.iter().map(|id| item_with_id(id, "x")).collect(),
+        )
+        .await;
+    }
+    ids
+}
+
 /// How long a drainer's Lease waits for items.
 pub(super) const DRAIN_WAIT: Duration = Duration::from_millis(500);
 

@@ -13,7 +13,9 @@ use std::{
 
 use wq_tests::{cluster::RedisCluster, *};
 
-use super::{DRAIN_WAIT, Drained, Pace, cluster_config, cluster_with_brokers, drain};
+use super::{
+    DRAIN_WAIT, Drained, Pace, cluster_config, cluster_with_brokers, drain, seed_known_ids,
+};
 
 /// Items seeded into the busy queue.
 const ITEMS: usize = 1000;
@@ -268,15 +270,7 @@ async fn a_failover_and_a_slot_migration_mid_drain_lose_nothing_and_wake_ups_kee
     let replica = cluster.replica_of(master).await;
 
     let mut producer = first.client().await;
-    let ids: Vec<String> = (0..ITEMS).map(|i| format!("item-{i}")).collect();
-    for chunk in ids.chunks(200) {
-        enqueue(
-            &mut producer,
-            busy,
-            chunk.iter().map(|id| item_with_id(id, "x")).collect(),
-        )
-        .await;
-    }
+    let ids = seed_known_ids(&mut producer, busy, ITEMS).await;
 
     let done = Arc::new(Mutex::new(HashMap::new()));
     let mut drainers = Vec::new();
