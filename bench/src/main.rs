@@ -7,6 +7,8 @@
 //! - `enqueue`: N items of P bytes through `enqueue_all` in batches of B;
 //! - `drain` W: W concurrent slots of one `wq-worker` Worker with a no-op handler, until drained;
 //! - `e2e` W: enqueue and drain at the same time, until the sealed queue is drained;
+//! - `pod` W: the `wq-worker` binary with its defaults at concurrency W drains a filled queue,
+//!   as a Job pod does ([`job_pod`]);
 //! - `latency`: enqueue→lease and Complete latency at an offered rate ([`latency`]);
 //! - `wakeup`: a waiting Lease on one replica woken by an Enqueue through another ([`wakeup`]);
 //! - `idle`: Redis commands per second caused by idle waiting Leases ([`idle`]);
@@ -27,6 +29,7 @@
 mod baseline;
 mod cluster;
 mod idle;
+mod job_pod;
 mod latency;
 mod peers;
 mod scale;
@@ -49,7 +52,7 @@ use wq_server::{
     config::BrokerConfig,
     connection::{RedisMode, RedisTarget},
 };
-use wq_worker::{ExitPolicy, Handler, LeasedItem, Outcome, Worker, WorkerConfig};
+use wq_worker::{ExitPolicy, Handler, LeasedItem, Outcome, Prefetch, Worker, WorkerConfig};
 
 use crate::stats::{Percentiles, ms};
 
@@ -59,6 +62,7 @@ enum Phase {
     Enqueue,
     Drain,
     E2e,
+    Pod,
     Latency,
     Wakeup,
     Idle,
@@ -71,6 +75,7 @@ const DEFAULT_PHASES: &[Phase] = &[
     Phase::Enqueue,
     Phase::Drain,
     Phase::E2e,
+    Phase::Pod,
     Phase::Latency,
     Phase::Wakeup,
     Phase::Idle,
@@ -82,6 +87,7 @@ const DEFAULT_CLUSTER_PHASES: &[Phase] = &[
     Phase::Enqueue,
     Phase::Drain,
     Phase::E2e,
+    Phase::Pod,
     Phase::Latency,
     Phase::Wakeup,
     Phase::Shards,
@@ -115,11 +121,12 @@ struct Args {
     /// Worker concurrencies to measure, comma separated.
     #[arg(short = 'w', long, value_delimiter = ',', default_value = "1,4,16")]
     workers: Vec<u32>,
-    /// Items each worker leases ahead of its free slots (`wq-worker --prefetch`).
-    #[arg(long, default_value_t = 0)]
-    prefetch: u32,
-    /// The phases to run, comma separated [default: enqueue,drain,e2e,latency,wakeup,idle,
-    /// baseline; with `--redis-mode cluster`: enqueue,drain,e2e,latency,wakeup,shards].
+    /// Items each benchmark worker leases ahead of its free slots: `auto` or a number
+    /// (`wq-worker --prefetch`; the `pod` phase runs the binary with its own default).
+    #[arg(long, default_value = "auto")]
+    prefetch: Prefetch,
+    /// The phases to run, comma separated [default: enqueue,drain,e2e,pod,latency,wakeup,idle,
+    /// baseline; with `--redis-mode cluster`: enqueue,drain,e2e,pod,latency,wakeup,shards].
     #[arg(long, value_enum, value_delimiter = ',')]
     phases: Option<Vec<Phase>>,
     /// The private Redis: one server, or a Redis Cluster of three masters with a replica each
@@ -178,6 +185,9 @@ struct Args {
     /// (1: all on one, the others idle) [default: all].
     #[arg(long, value_parser = clap::value_parser!(u8).range(1..=3))]
     shard_masters: Option<u8>,
+    /// pod: the `wq-worker` binary [default: the one beside wq-bench].
+    #[arg(long)]
+    worker_bin: Option<std::path::PathBuf>,
     /// Write the results as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
@@ -230,6 +240,9 @@ pub(crate) struct Row {
     workers: u32,
     items: usize,
     seconds: f64,
+    /// Redis CPU microseconds per item over the items' whole life (fill, lease, complete),
+    /// where the phase measures it.
+    redis_us_per_item: Option<f64>,
 }
 
 impl Row {
@@ -337,6 +350,7 @@ async fn main() -> anyhow::Result<()> {
             workers: 0,
             items: args.items,
             seconds,
+            redis_us_per_item: None,
         });
     }
 
@@ -344,12 +358,14 @@ async fn main() -> anyhow::Result<()> {
         if args.runs(Phase::Drain) {
             let queue = format!("{run}-drain-{workers}");
             queues.push(queue.clone());
+            let before = redis_counters(redis_url.as_deref()).await?;
             let fill_seconds = fill(&client, &queue, args.items, &args).await?;
             rows.push(Row {
                 phase: "fill",
                 workers,
                 items: args.items,
                 seconds: fill_seconds,
+                redis_us_per_item: None,
             });
             let started = Instant::now();
             let summary = worker(&client, &queue, workers, args.prefetch, ExitPolicy::Drained)
@@ -361,11 +377,16 @@ async fn main() -> anyhow::Result<()> {
                 summary.completed,
                 args.items
             );
+            let seconds = started.elapsed().as_secs_f64();
+            let after = redis_counters(redis_url.as_deref()).await?;
             rows.push(Row {
                 phase: "drain",
                 workers,
                 items: args.items,
-                seconds: started.elapsed().as_secs_f64(),
+                seconds,
+                redis_us_per_item: before
+                    .zip(after)
+                    .map(|(b, a)| a.since(&b).cpu() * 1e6 / args.items as f64),
             });
         }
 
@@ -391,6 +412,37 @@ async fn main() -> anyhow::Result<()> {
                 workers,
                 items: args.items,
                 seconds: started.elapsed().as_secs_f64(),
+                redis_us_per_item: None,
+            });
+        }
+
+        if args.runs(Phase::Pod) {
+            let queue = format!("{run}-pod-{workers}");
+            queues.push(queue.clone());
+            let binary = job_pod::worker_binary(args.worker_bin.as_deref())?;
+            let report = job_pod::run(
+                &client,
+                &url,
+                redis_url.as_deref(),
+                &binary,
+                &queue,
+                workers,
+                &args,
+            )
+            .await?;
+            rows.push(Row {
+                phase: "pod fill",
+                workers,
+                items: args.items,
+                seconds: report.fill_seconds,
+                redis_us_per_item: None,
+            });
+            rows.push(Row {
+                phase: "pod",
+                workers,
+                items: args.items,
+                seconds: report.drain_seconds,
+                redis_us_per_item: report.redis_us_per_item,
             });
         }
     }
@@ -414,6 +466,7 @@ async fn main() -> anyhow::Result<()> {
                     workers: u32::try_from(args.baseline_depth).unwrap_or(u32::MAX),
                     items: args.items,
                     seconds,
+                    redis_us_per_item: None,
                 });
             }
             None => args.skip("baseline"),
@@ -515,12 +568,14 @@ async fn main() -> anyhow::Result<()> {
             workers: 0,
             items: args.items,
             seconds: report.enqueue_seconds,
+            redis_us_per_item: None,
         });
         rows.push(Row {
             phase: "drain+",
             workers,
             items: usize::try_from(report.drained).unwrap_or(usize::MAX),
             seconds: report.drain_seconds,
+            redis_us_per_item: None,
         });
         scale_report = Some(report);
     }
@@ -582,7 +637,7 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(path) = &args.peers_csv {
         let notes = format!(
-            "wq-bench N={} P={} B={} prefetch={}; broker in-process",
+            "wq-bench N={} P={} B={} prefetch={:?}; broker in-process",
             args.items, args.payload, args.batch, args.prefetch
         );
         std::fs::write(path, peers::result_lines(&args.peers_name, &rows, &notes))
@@ -615,6 +670,14 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(private_cluster);
     Ok(())
+}
+
+/// The counters of the one Redis server, when there is one to read.
+async fn redis_counters(url: Option<&str>) -> anyhow::Result<Option<cluster::Counters>> {
+    match url {
+        Some(url) => Ok(Some(cluster::Counters::read(url).await?)),
+        None => Ok(None),
+    }
 }
 
 fn standalone_target(url: &str) -> anyhow::Result<RedisTarget> {
@@ -679,12 +742,12 @@ fn print_tables(
 ) {
     if !rows.is_empty() {
         println!(
-            "{:<8} {:>7} {:>9} {:>9} {:>12}",
-            "phase", "workers", "items", "seconds", "items/s"
+            "{:<8} {:>7} {:>9} {:>9} {:>12} {:>14}",
+            "phase", "workers", "items", "seconds", "items/s", "Redis µs/item"
         );
         for row in rows {
             println!(
-                "{:<8} {:>7} {:>9} {:>9.3} {:>12.0}",
+                "{:<8} {:>7} {:>9} {:>9.3} {:>12.0} {:>14}",
                 row.phase,
                 if row.workers == 0 {
                     "-".to_owned()
@@ -693,11 +756,22 @@ fn print_tables(
                 },
                 row.items,
                 row.seconds,
-                row.rate()
+                row.rate(),
+                row.redis_us_per_item
+                    .map_or_else(|| "-".to_owned(), |us| format!("{us:.1}"))
             );
         }
         if rows.iter().any(|r| r.phase == "fill") {
             println!("(fill W: the enqueue that filled the queue for drain W)");
+        }
+        if rows.iter().any(|r| r.phase == "pod") {
+            println!(
+                "(pod W: the wq-worker binary with its defaults and --work-time 0s at \
+                 --concurrency W; pod fill W: the enqueue before it)"
+            );
+        }
+        if rows.iter().any(|r| r.redis_us_per_item.is_some()) {
+            println!("(Redis µs/item: Redis CPU (INFO cpu) over the fill and the drain, per item)");
         }
         if rows.iter().any(|r| r.phase.ends_with('+')) {
             println!("(enqueue+, drain+: on a queue already holding --prefill items)");
@@ -759,6 +833,7 @@ fn to_json(
             "phase": r.phase, "workers": r.workers, "items": r.items,
             "payload_bytes": args.payload, "batch": args.batch,
             "seconds": r.seconds, "items_per_s": r.items as f64 / r.seconds,
+            "redis_cpu_us_per_item": r.redis_us_per_item,
         })
     });
     let latency = latency_rows.iter().map(|r| {
@@ -818,7 +893,7 @@ fn worker(
     client: &Client,
     queue: &str,
     concurrency: u32,
-    prefetch: u32,
+    prefetch: Prefetch,
     exit: ExitPolicy,
 ) -> Worker {
     let mut config = WorkerConfig::new(queue);

@@ -1,7 +1,12 @@
-//! One leased item's life in the worker: wait for a free slot, run the handler, report the
-//! outcome; and the batcher that carries completions to the broker many at a time.
+//! One leased item's life in the worker: wait for a free slot (or, after the prefetch window,
+//! give the item back), run the handler, report the outcome; and the batchers that carry
+//! completions and give-backs to the broker many at a time.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -10,6 +15,7 @@ use wq_client::{Client, duration, pb};
 use crate::{
     Handler, Outcome, chunked,
     in_work::{Held, InWork},
+    lease_ahead::{LeaseAhead, Reserved},
 };
 
 /// Longest pause between retries after the broker failed.
@@ -26,6 +32,16 @@ pub(crate) enum TaskEnd {
     Lost,
     /// Shutdown came before a slot was free: the item is still held, for release.
     Unstarted,
+    /// It waited the whole prefetch window for a slot and went back to the queue.
+    GivenBack,
+}
+
+/// Where items' reports go to be sent in batches.
+#[derive(Clone)]
+pub(crate) struct Reports {
+    pub(crate) completions: mpsc::Sender<Pending<pb::Completion>>,
+    /// Lease ids of items given back unstarted.
+    pub(crate) releases: mpsc::Sender<Pending<String>>,
 }
 
 /// Everything one item's task needs.
@@ -33,33 +49,37 @@ pub(crate) struct Job {
     pub(crate) client: Client,
     pub(crate) queue: String,
     pub(crate) in_work: Arc<InWork>,
-    pub(crate) completions: mpsc::Sender<PendingCompletion>,
+    pub(crate) reports: Reports,
     /// Slots for running handlers (the worker's concurrency).
     pub(crate) running: Arc<Semaphore>,
+    pub(crate) lease_ahead: Arc<LeaseAhead>,
     pub(crate) shutdown: CancellationToken,
 }
 
 impl Job {
     /// Runs `handler` on `item` once a slot is free and reports the outcome. `held` is the
-    /// item's entry in [`InWork`]; `leased` is its place among the worker's leased items, given
+    /// item's entry in [`InWork`]; `leased` is its room among the worker's held items, given
     /// back as soon as the handler is done so that the next Lease call overlaps this report.
     pub(crate) async fn process<H: Handler>(
         &self,
         handler: &H,
         item: pb::LeasedItem,
         held: Arc<Held>,
-        leased: OwnedSemaphorePermit,
+        leased: Reserved,
     ) -> TaskEnd {
-        let slot = tokio::select! {
-            biased;
-            () = self.shutdown.cancelled() => return TaskEnd::Unstarted,
-            slot = Arc::clone(&self.running).acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => return TaskEnd::Unstarted, // never closed
-            },
+        let slot = match self.slot_for(&item).await {
+            Ok(slot) => slot,
+            Err(ended) => {
+                if matches!(ended, TaskEnd::GivenBack | TaskEnd::Lost) {
+                    self.in_work.forget(&item.lease_id);
+                }
+                return ended;
+            }
         };
-        tracing::info!(id = %item.id, attempt = item.attempt, "working on item");
+        tracing::debug!(id = %item.id, attempt = item.attempt, "working on item");
+        let started = Instant::now();
         let outcome = handler.handle(&item).await;
+        self.lease_ahead.timed(started.elapsed());
         held.set_handled();
         drop(slot);
         drop(leased);
@@ -71,6 +91,48 @@ impl Job {
         };
         self.in_work.forget(&item.lease_id);
         ended
+    }
+
+    /// A handler slot for `item`, or how its task ends without one: at shutdown, or (with a
+    /// prefetch window) given back to the queue once it has waited the whole window.
+    async fn slot_for(&self, item: &pb::LeasedItem) -> Result<OwnedSemaphorePermit, TaskEnd> {
+        let window = self.lease_ahead.window();
+        let overstay = async {
+            match window {
+                Some(window) => tokio::time::sleep(window).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => return Err(TaskEnd::Unstarted),
+            slot = Arc::clone(&self.running).acquire_owned() => {
+                return slot.map_err(|_| TaskEnd::Unstarted); // never closed
+            }
+            () = overstay => {}
+        }
+        // Waited the whole window: the items ahead of it ran longer than the worker expected,
+        // and another worker may be idle.
+        self.lease_ahead.overstayed();
+        match through(&self.reports.releases, item.lease_id.clone()).await {
+            Ok(pb::LeaseOutcome::Ok) => {
+                tracing::info!(id = %item.id, ?window, "waited the prefetch window for a slot; given back");
+                return Err(TaskEnd::GivenBack);
+            }
+            Ok(_) => {
+                tracing::warn!(id = %item.id, "lease lost while waiting for a slot");
+                return Err(TaskEnd::Lost);
+            }
+            // Not given back: it is still this worker's to run.
+            Err(error) => {
+                tracing::warn!(id = %item.id, %error, "giving an item back failed; running it here");
+            }
+        }
+        tokio::select! {
+            biased;
+            () = self.shutdown.cancelled() => Err(TaskEnd::Unstarted),
+            slot = Arc::clone(&self.running).acquire_owned() => slot.map_err(|_| TaskEnd::Unstarted),
+        }
     }
 
     async fn report(&self, item: &pb::LeasedItem, outcome: Outcome) -> TaskEnd {
@@ -127,22 +189,13 @@ impl Job {
         item: &pb::LeasedItem,
         result: bytes::Bytes,
     ) -> wq_client::Result<Option<pb::LeaseOutcome>> {
-        let (reply, outcome) = oneshot::channel();
-        let pending = PendingCompletion {
-            completion: pb::Completion {
-                lease_id: item.lease_id.clone(),
-                result,
-            },
-            reply,
+        let completion = pb::Completion {
+            lease_id: item.lease_id.clone(),
+            result,
         };
-        if self.completions.send(pending).await.is_err() {
-            return Err(tonic::Status::cancelled("the worker is stopping").into());
-        }
-        match outcome.await {
-            Ok(Ok(outcome)) => Ok(Some(outcome)),
-            Ok(Err(status)) => Err(status.into()),
-            Err(_) => Err(tonic::Status::cancelled("the worker is stopping").into()),
-        }
+        through(&self.reports.completions, completion)
+            .await
+            .map(Some)
     }
 
     async fn fail(
@@ -174,20 +227,64 @@ fn outcome_name(outcome: &Outcome) -> &'static str {
     }
 }
 
-/// A completion waiting for the batcher, with the way back to its task.
-pub(crate) struct PendingCompletion {
-    completion: pb::Completion,
+/// A report waiting for its batcher, with the way back to its task.
+pub(crate) struct Pending<T> {
+    report: T,
     reply: oneshot::Sender<Result<pb::LeaseOutcome, tonic::Status>>,
 }
 
-/// Sends completions in batches: whatever has queued up while the previous call was in flight
-/// goes in the next call, so a busy worker makes one Complete call for many items and an idle
-/// one adds no delay.
+/// Sends `report` through its batcher and waits for the broker's answer about it.
+async fn through<T>(
+    batcher: &mpsc::Sender<Pending<T>>,
+    report: T,
+) -> wq_client::Result<pb::LeaseOutcome> {
+    let stopping = || tonic::Status::cancelled("the worker is stopping").into();
+    let (reply, outcome) = oneshot::channel();
+    if batcher.send(Pending { report, reply }).await.is_err() {
+        return Err(stopping());
+    }
+    match outcome.await {
+        Ok(Ok(outcome)) => Ok(outcome),
+        Ok(Err(status)) => Err(status.into()),
+        Err(_) => Err(stopping()),
+    }
+}
+
+/// Sends completions in batches (see [`send_in_batches`]).
 pub(crate) async fn complete_in_batches(
     client: Client,
     queue: String,
-    mut pending: mpsc::Receiver<PendingCompletion>,
+    pending: mpsc::Receiver<Pending<pb::Completion>>,
 ) {
+    send_in_batches(
+        pending,
+        |c: &pb::Completion| c.lease_id.len() + c.result.len(),
+        |chunk| client.complete(&queue, chunk),
+    )
+    .await;
+}
+
+/// Gives items back to the queue in batches (see [`send_in_batches`]).
+pub(crate) async fn release_in_batches(
+    client: Client,
+    queue: String,
+    pending: mpsc::Receiver<Pending<String>>,
+) {
+    send_in_batches(pending, String::len, |chunk| client.release(&queue, chunk)).await;
+}
+
+/// Sends reports in batches: whatever has queued up while the previous call was in flight goes
+/// in the next call, so a busy worker makes one call for many items and an idle one adds no
+/// delay.
+async fn send_in_batches<T, F, Fut>(
+    mut pending: mpsc::Receiver<Pending<T>>,
+    bytes_of: impl Fn(&T) -> usize,
+    mut call: F,
+) where
+    T: Clone,
+    F: FnMut(Vec<T>) -> Fut,
+    Fut: Future<Output = wq_client::Result<Vec<pb::LeaseResult>>>,
+{
     let mut call_size = MAX_COMPLETE_BATCH;
     while let Some(first) = pending.recv().await {
         let mut batch = vec![first];
@@ -197,15 +294,9 @@ pub(crate) async fn complete_in_batches(
                 Err(_) => break,
             }
         }
-        let (completions, replies): (Vec<_>, Vec<_>) =
-            batch.into_iter().map(|p| (p.completion, p.reply)).unzip();
-        let (results, error) = chunked::send(
-            completions,
-            &mut call_size,
-            |c: &pb::Completion| c.lease_id.len() + c.result.len(),
-            |chunk| client.complete(&queue, chunk),
-        )
-        .await;
+        let (reports, replies): (Vec<_>, Vec<_>) =
+            batch.into_iter().map(|p| (p.report, p.reply)).unzip();
+        let (results, error) = chunked::send(reports, &mut call_size, &bytes_of, &mut call).await;
         let mut replies = replies.into_iter();
         // Results first: zipping the replies first would take (and drop) one reply more than
         // there are results, leaving that item without its answer.

@@ -1,7 +1,8 @@
 //! wq-worker: leases items from a wq broker and runs a handler on each.
 //!
-//! A [`Worker`] keeps up to `concurrency` handlers running, and up to `prefetch` more items
-//! leased ahead for them. It leases as many items as it has room for in one call, extends the
+//! A [`Worker`] keeps up to `concurrency` handlers running, and leases items ahead of them as
+//! its [`Prefetch`] says: by default as many as its recent handler times say it will start
+//! within 50 ms, giving an item back to the queue if it waits 100 ms for a slot. It leases as many items as it has room for in one call, extends the
 //! leases of all held items in the background (one heartbeat call at a third of the lease
 //! duration), reports the handler's [`Outcome`] (completions batched), and exits according to
 //! its [`ExitPolicy`]: when the queue is drained (the Kubernetes example's `while not q.empty()`),
@@ -14,7 +15,8 @@
 //!
 //! - this file: the public types;
 //! - [`worker`]: the lease loop and shutdown;
-//! - `job`: one item's task, and the completion batcher;
+//! - `job`: one item's task, and the batchers of completions and give-backs;
+//! - [`lease_ahead`]: how many items the worker holds, and leases ahead of its slots;
 //! - `in_work`: the held items and their shared heartbeat;
 //! - `chunked`: batch calls that adapt to the broker's batch limit;
 //! - [`command`]: the handler that runs an external command per item (the `wq-worker` binary's).
@@ -23,11 +25,13 @@ mod chunked;
 pub mod command;
 mod in_work;
 mod job;
+pub mod lease_ahead;
 pub mod worker;
 
 use std::{future::Future, time::Duration};
 
 use bytes::Bytes;
+pub use lease_ahead::Prefetch;
 pub use worker::{RunSummary, Worker};
 pub use wq_client::pb::LeasedItem;
 
@@ -72,10 +76,10 @@ pub struct WorkerConfig {
     pub queue: String,
     /// Handlers running at once.
     pub concurrency: u32,
-    /// Items leased ahead of free handler slots (0 = none). Prefetch keeps handlers busy while
-    /// the next Lease call is in flight, at the cost of holding items another worker could be
-    /// running: worth it for many short items, not for long ones.
-    pub prefetch: u32,
+    /// Items leased ahead of free handler slots. Leasing ahead keeps handlers busy while the
+    /// next Lease call is in flight, at the cost of holding items another worker could be
+    /// running; [`Prefetch::Auto`] (the default) does it only for short items.
+    pub prefetch: Prefetch,
     /// Lease duration asked for; heartbeats extend it while a handler runs.
     pub lease_duration: Duration,
     /// How long one Lease call waits for work.
@@ -89,13 +93,13 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// A configuration with defaults for `queue`: concurrency 1, no prefetch, 30 s leases, 5 s
-    /// waits, exit when drained, 20 s grace.
+    /// A configuration with defaults for `queue`: concurrency 1, automatic prefetch (100 ms
+    /// window), 30 s leases, 5 s waits, exit when drained, 20 s grace.
     pub fn new(queue: impl Into<String>) -> Self {
         Self {
             queue: queue.into(),
             concurrency: 1,
-            prefetch: 0,
+            prefetch: Prefetch::default(),
             lease_duration: Duration::from_secs(30),
             max_wait: Duration::from_secs(5),
             exit: ExitPolicy::Drained,

@@ -1,11 +1,12 @@
 //! The lease loop: lease as many items as there is room for, start a task per item, stop by the
 //! exit policy, and release what is unfinished at shutdown.
 //!
-//! Room is counted in leased items, up to `concurrency + prefetch`. An item takes its room when
-//! leased and gives it back when its handler is done (its report goes on in the background), so
-//! Lease and Complete calls overlap, and a Lease call carries every item that finished while
-//! the previous one was in flight. With prefetch, the next Lease goes out once `prefetch`
-//! items' room is free, while `concurrency` handlers still have work.
+//! Room is counted in held items, up to `concurrency` plus the items leased ahead
+//! ([`crate::lease_ahead`]). An item takes its room when leased and gives it back when its
+//! handler is done (its report goes on in the background), so Lease and Complete calls
+//! overlap, and a Lease call carries every item that finished while the previous one was in
+//! flight. With items leased ahead, the next Lease goes out once half of them have been taken
+//! by the handlers, while the handlers still have work.
 
 use std::{sync::Arc, time::Duration};
 
@@ -19,7 +20,8 @@ use wq_client::{Client, duration, pb};
 use crate::{
     ExitPolicy, Handler, WorkerConfig, chunked,
     in_work::{self, InWork},
-    job::{self, Job, MAX_BACKOFF, MAX_COMPLETE_BATCH, PendingCompletion, TaskEnd},
+    job::{self, Job, MAX_BACKOFF, MAX_COMPLETE_BATCH, Reports, TaskEnd},
+    lease_ahead::LeaseAhead,
 };
 
 /// Most items one Lease call asks for (the broker's default limit is 1000).
@@ -36,6 +38,9 @@ pub struct RunSummary {
     pub lost: u64,
     /// Items released unfinished at shutdown.
     pub released: u64,
+    /// Items given back to the queue unstarted after waiting the whole prefetch window for a
+    /// slot ([`crate::Prefetch::Auto`]).
+    pub given_back: u64,
     /// The broker refused the worker for good (bad token, a role without Lease, a queue it may
     /// not use or cannot exist), so it stopped early: retrying would not help.
     pub refused: bool,
@@ -99,12 +104,22 @@ impl Worker {
             Err(error) => tracing::warn!(%error, "cannot read the initial queue state"),
         }
 
-        let (completions, pending) = mpsc::channel(MAX_COMPLETE_BATCH * 4);
-        let batcher = tokio::spawn(job::complete_in_batches(
+        let (completions, pending_completions) = mpsc::channel(MAX_COMPLETE_BATCH * 4);
+        let completer = tokio::spawn(job::complete_in_batches(
             self.client.clone(),
             queue.clone(),
-            pending,
+            pending_completions,
         ));
+        let (releases, pending_releases) = mpsc::channel(MAX_COMPLETE_BATCH * 4);
+        let releaser = tokio::spawn(job::release_in_batches(
+            self.client.clone(),
+            queue.clone(),
+            pending_releases,
+        ));
+        let reports = Reports {
+            completions,
+            releases,
+        };
         let in_work = Arc::<InWork>::default();
         let stop_heartbeat = CancellationToken::new();
         let heartbeat = tokio::spawn(in_work::heartbeat(
@@ -114,11 +129,12 @@ impl Worker {
             Arc::clone(&in_work),
             stop_heartbeat.clone(),
         ));
-        let summary = self.work(handler, shutdown, completions, &in_work).await;
+        let summary = self.work(handler, shutdown, reports, &in_work).await;
         stop_heartbeat.cancel();
         let _ = heartbeat.await;
-        // The batcher ends once every sender (the loop's and each task's) is gone.
-        let _ = batcher.await;
+        // The batchers end once every sender (the loop's and each task's) is gone.
+        let _ = completer.await;
+        let _ = releaser.await;
         summary
     }
 
@@ -126,16 +142,13 @@ impl Worker {
         &self,
         handler: Arc<H>,
         shutdown: CancellationToken,
-        completions: mpsc::Sender<PendingCompletion>,
+        reports: Reports,
         in_work: &Arc<InWork>,
     ) -> RunSummary {
         let queue = &self.config.queue;
         let concurrency = self.config.concurrency;
-        let room = Arc::new(Semaphore::new(
-            concurrency.saturating_add(self.config.prefetch) as usize,
-        ));
+        let lease_ahead = LeaseAhead::new(self.config.prefetch, concurrency);
         let running = Arc::new(Semaphore::new(concurrency as usize));
-        let lease_when_free = self.config.prefetch.clamp(1, MAX_LEASE_BATCH);
         // Lowered when the broker's --max-lease-items is smaller (it answers INVALID_ARGUMENT).
         let mut lease_cap = MAX_LEASE_BATCH;
         // Set when a full batch left room unfilled (the cap was smaller than the room): the
@@ -152,29 +165,25 @@ impl Worker {
             let wanted = if top_up {
                 1
             } else {
-                lease_when_free.min(lease_cap)
+                lease_ahead.worth_a_call().min(lease_cap as usize)
             };
             top_up = false;
-            let mut held = tokio::select! {
-                permit = Arc::clone(&room).acquire_many_owned(wanted) => match permit {
-                    Ok(permit) => permit,
-                    Err(_) => break, // the semaphore is never closed
-                },
+            tokio::select! {
+                () = lease_ahead.room_for(wanted) => {}
                 () = shutdown.cancelled() => break,
                 Some(ended) = tasks.join_next(), if !tasks.is_empty() => {
                     tally(&mut summary, ended);
                     continue;
                 }
-            };
-            while held.num_permits() < lease_cap as usize {
-                match Arc::clone(&room).try_acquire_owned() {
-                    Ok(more) => held.merge(more),
-                    Err(_) => break,
-                }
+            }
+            let mut held = lease_ahead.reserve(lease_ahead.room().min(lease_cap as usize));
+            if held.count() == 0 {
+                // A handler's time shrank the room since the wait: wait again.
+                continue;
             }
             let request = pb::LeaseRequest {
                 queue: queue.clone(),
-                max_items: (held.num_permits() as u32).min(lease_cap),
+                max_items: u32::try_from(held.count()).unwrap_or(lease_cap),
                 lease_duration: Some(duration(self.config.lease_duration)),
                 max_wait: Some(duration(self.config.max_wait)),
                 worker_id: self.config.worker_id.clone(),
@@ -220,18 +229,20 @@ impl Worker {
                 }
             };
             let got_items = !reply.items.is_empty();
-            top_up = asked == lease_cap
-                && reply.items.len() == asked as usize
-                && room.available_permits() > 0;
+            top_up =
+                asked == lease_cap && reply.items.len() == asked as usize && lease_ahead.room() > 0;
             for item in reply.items {
-                let Some(leased) = held.split(1) else { break };
+                let Some(leased) = held.split_one() else {
+                    break;
+                };
                 let item_held = in_work.hold(&item.lease_id);
                 let job = Job {
                     client: self.client.clone(),
                     queue: queue.clone(),
                     in_work: Arc::clone(in_work),
-                    completions: completions.clone(),
+                    reports: reports.clone(),
                     running: Arc::clone(&running),
+                    lease_ahead: Arc::clone(&lease_ahead),
                     shutdown: shutdown.clone(),
                 };
                 let handler = Arc::clone(&handler);
@@ -327,6 +338,7 @@ fn tally(summary: &mut RunSummary, ended: Result<TaskEnd, tokio::task::JoinError
         Ok(TaskEnd::Completed) => summary.completed += 1,
         Ok(TaskEnd::Failed) => summary.failed += 1,
         Ok(TaskEnd::Lost) => summary.lost += 1,
+        Ok(TaskEnd::GivenBack) => summary.given_back += 1,
         Ok(TaskEnd::Unstarted) => {}
         Err(error) if error.is_panic() => {
             tracing::error!("a handler panicked; its item will be released or reclaimed");

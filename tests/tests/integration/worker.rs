@@ -452,6 +452,84 @@ async fn prefetched_items_are_kept_alive_while_waiting_and_released_at_sigterm()
     );
 }
 
+/// The default `--prefetch auto` leases short items ahead, but an item that waits the whole
+/// `--prefetch-window` behind a long one goes back to the queue, where an idle pod takes it:
+/// no item waits in one pod for longer than the window while another could run it.
+#[tokio::test]
+async fn items_leased_ahead_behind_a_long_one_go_to_an_idle_pod_within_the_window() {
+    let redis = redis().await;
+    let broker = Broker::start(&redis.url()).await;
+    let mut client = broker.client().await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let log = dir.path().join("runs.log");
+    // Five short items, a long one, then thirty short ones: the worker leases the long one
+    // together with the items after it, having timed the short ones before.
+    let mut items: Vec<_> = (0..5)
+        .map(|i| item_with_id(&format!("short-{i:02}"), "0"))
+        .collect();
+    items.push(item_with_id("long", "4"));
+    items.extend((5..35).map(|i| item_with_id(&format!("short-{i:02}"), "0")));
+    enqueue(&mut client, "q", items).await;
+    // Each run appends "<pod> <id> <end time>" when its sleep is over.
+    let record = r#"read pause; sleep "$pause"; echo "$POD $WQ_ITEM_ID $(date +%s.%N)" >> "$RUNS""#;
+    let pod = |name: &str| {
+        let args = [
+            "--max-wait",
+            "500ms",
+            "--prefetch-window",
+            "1s",
+            "--",
+            "sh",
+            "-c",
+            record,
+        ];
+        let env = [
+            ("POD", std::ffi::OsStr::new(name)),
+            ("RUNS", log.as_os_str()),
+        ];
+        spawn_worker(&broker, "q", &args, &env)
+    };
+    let first = pod("first");
+    eventually("the long item is leased with items behind it", async || {
+        state(&mut client, "q").await.leased > 2
+    })
+    .await;
+    // The second pod comes up while the first is busy with the long item.
+    let second = pod("second");
+    let first_err = finish_ok(first, Duration::from_secs(60)).await;
+    let second_err = finish_ok(second, Duration::from_secs(60)).await;
+    assert!(!first_err.contains("given_back=0"), "{first_err}");
+    let runs = std::fs::read_to_string(&log).expect("the runs log");
+    let ends: HashMap<&str, (&str, f64)> = runs
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let (pod, id, end) = (fields.next()?, fields.next()?, fields.next()?);
+            Some((id, (pod, end.parse().ok()?)))
+        })
+        .collect();
+    assert_eq!(ends.len(), 36, "every item ran once: {runs}");
+    let (long_pod, long_end) = ends["long"];
+    assert_eq!(long_pod, "first");
+    let last_short = ends
+        .iter()
+        .filter(|(id, _)| id.starts_with("short"))
+        .map(|(_, (_, end))| *end)
+        .fold(0.0, f64::max);
+    // The items behind the long one waited at most the window (1 s), not its 4 s.
+    assert!(
+        last_short < long_end - 1.5,
+        "short items ran {:.2} s before the long one ended: {runs}\n{first_err}\n{second_err}",
+        long_end - last_short
+    );
+    assert!(
+        ends.values().any(|(pod, _)| *pod == "second"),
+        "the second pod ran the items given back: {runs}"
+    );
+    let s = state(&mut client, "q").await;
+    assert_eq!((s.completed_total, s.drained), (36, true));
+}
+
 #[tokio::test]
 async fn a_prefetching_worker_drains_the_queue_and_exits_zero() {
     let redis = redis().await;

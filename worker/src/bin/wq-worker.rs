@@ -8,7 +8,7 @@ use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio_util::sync::CancellationToken;
 use wq_client::{Client, ConnectOptions};
 use wq_worker::{
-    ExitPolicy, Worker, WorkerConfig,
+    ExitPolicy, Prefetch, Worker, WorkerConfig,
     command::{CommandHandler, DEFAULT_PERMANENT_EXIT, SleepHandler},
 };
 
@@ -25,7 +25,8 @@ enum Until {
 /// from it; the worker itself is non-dumpable, so a command of the same user cannot read the
 /// token from /proc/$PPID/environ or the worker's memory). Exit status 0 completes the item with stdout as its result; the
 /// --permanent-exit-code status dead-letters it; any other status retries it with the tail of
-/// stderr as the error. Without COMMAND, print each item and sleep --work-time.
+/// stderr as the error. Without COMMAND, print each item and sleep --work-time (with --work-time 0s,
+/// complete each item at once and print nothing: a no-op, for measuring).
 #[derive(Debug, Parser)]
 #[command(name = "wq-worker", version)]
 struct Args {
@@ -38,10 +39,16 @@ struct Args {
     /// Items in work at once.
     #[arg(long, env = "WQ_CONCURRENCY", default_value_t = 1)]
     concurrency: u32,
-    /// Items leased ahead of free slots, so the next Lease call overlaps work (0 = none). For
-    /// many short items; with long ones it holds items another pod could be running.
-    #[arg(long, env = "WQ_PREFETCH", default_value_t = 0)]
-    prefetch: u32,
+    /// Items leased ahead of free slots, so the next Lease call overlaps work. `auto`: as many
+    /// as recent items say will start within half of --prefetch-window (none for items that
+    /// long or longer), and an item still waiting for a slot after the window goes back to the
+    /// queue for other pods. A number: always that many (0 = none), never given back.
+    #[arg(long, env = "WQ_PREFETCH", default_value = "auto")]
+    prefetch: Prefetch,
+    /// With `--prefetch auto`: the longest an item leased ahead waits in this worker for a slot
+    /// before it is given back to the queue.
+    #[arg(long, env = "WQ_PREFETCH_WINDOW", default_value = "100ms", value_parser = parse_window)]
+    prefetch_window: Duration,
     /// Lease duration; extended in the background while an item is in work.
     #[arg(long, env = "WQ_LEASE_DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
@@ -60,7 +67,7 @@ struct Args {
     /// Exit status of COMMAND that means "permanent failure: dead-letter now".
     #[arg(long, env = "WQ_PERMANENT_EXIT_CODE", default_value_t = DEFAULT_PERMANENT_EXIT)]
     permanent_exit_code: i32,
-    /// Without COMMAND: how long each item's "work" takes.
+    /// Without COMMAND: how long each item's "work" takes (0s: none at all, and no line printed).
     #[arg(long, env = "WQ_WORK_TIME", default_value = "1s", value_parser = humantime::parse_duration)]
     work_time: Duration,
     /// The command to run per item, after `--`.
@@ -105,7 +112,12 @@ async fn main() -> ExitCode {
     let config = WorkerConfig {
         queue: args.queue.clone(),
         concurrency: args.concurrency,
-        prefetch: args.prefetch,
+        prefetch: match args.prefetch {
+            Prefetch::Auto { .. } => Prefetch::Auto {
+                window: args.prefetch_window,
+            },
+            fixed @ Prefetch::Fixed(_) => fixed,
+        },
         lease_duration: args.lease_duration,
         max_wait: args.max_wait,
         exit: match (args.forever, args.until) {
@@ -139,6 +151,7 @@ async fn main() -> ExitCode {
         failed = summary.failed,
         lost = summary.lost,
         released = summary.released,
+        given_back = summary.given_back,
         "worker stopped"
     );
     if summary.refused {
@@ -241,4 +254,14 @@ async fn received(listener: Option<Signal>) {
     }
     // No listener, or one that can hear no more: this signal will never come.
     std::future::pending().await
+}
+
+/// `--prefetch-window`: a duration of at least a millisecond (a shorter one would give items
+/// back before a slot could take them).
+fn parse_window(text: &str) -> Result<Duration, String> {
+    let window = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if window < Duration::from_millis(1) {
+        return Err("must be at least 1ms".to_owned());
+    }
+    Ok(window)
 }
