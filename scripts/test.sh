@@ -22,6 +22,8 @@ echo "==> buf lint (STANDARD + COMMENTS)"
 .tools/node_modules/.bin/buf lint
 
 echo "==> wq-bench at a tiny size (so it cannot rot; figures meaningless)"
+# Its pod phase runs the wq-worker binary built beside it.
+cargo build --quiet -p wq-worker
 cargo run --quiet -p wq-bench -- -n 300 -w 1,4 --idle-seconds 0.5 --idle-leases 100
 
 echo "==> cargo test"

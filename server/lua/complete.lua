@@ -13,6 +13,8 @@
 
 local retention_ms = tonumber(ARGV[9])
 local now = now_ms()
+-- Formatted once, not once per item by redis.call.
+local now_arg = tostring(now)
 local result = {}
 local done = 0
 local seen, finished, gone, known = {}, {}, {}, {}
@@ -24,10 +26,10 @@ for i = 10, #ARGV, 3 do
   if f[1] == 'l' and f[2] == token and not seen[id] then
     seen[id] = true
     finished[#finished + 1] = id
-    known[#known + 1] = now
+    known[#known + 1] = now_arg
     known[#known + 1] = id
     if retention_ms > 0 then
-      redis.call('HSET', item_key, 's', 'c', 'ct', now)
+      redis.call('HSET', item_key, 's', 'c', 'ct', now_arg)
       redis.call('HDEL', item_key, 'x', 'k')
       if res ~= '' then
         redis.call('HSET', item_key, 'res', res)

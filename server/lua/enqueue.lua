@@ -9,9 +9,11 @@
   KEYS and ARGV[1..8]: see lib.lua.
   ARGV[9]  number of items N
   ARGV[10] most items the queue may hold in ready + delayed + leased (0 = no limit)
-  then 7 values per item:
+  then 8 values per item:
     id, payload, priority, delay (ms, -1 = none), not_before (unix ms, -1 = none),
-    max_attempts (resolved, >= 1), headers (opaque bytes, '' = none)
+    max_attempts (resolved, >= 1), headers (opaque bytes, '' = none),
+    assigned ('1' when the broker made the id up, a fresh UUIDv7 that no stored or finished
+    item can have, so it is not looked up; '' otherwise)
 
   Returns {status, now_ms, dup_1, ..., dup_N}:
     status 0 = ok, 1 = the queue is sealed (nothing written)
@@ -28,10 +30,15 @@ if redis.call('HGET', K.meta, 'sealed') == '1' then
 end
 
 local now = now_ms()
+-- Numbers passed to redis.call are formatted with %.17g each time: values written for every item
+-- are formatted once per call (or per priority band) instead.
+local now_arg = tostring(now)
+local band_score = {}
 -- Finished ids are looked up only when the queue remembers any; an id is known for exactly its
 -- window, however late the reaper forgets it.
 local remembers = keep_ms > 0 and redis.call('ZCARD', K.done) > 0
-local function known(id)
+local function known(id, assigned)
+  if assigned == '1' then return false end
   if redis.call('EXISTS', item_prefix .. id) == 1 then return true end
   if not remembers then return false end
   local finished = redis.call('ZSCORE', K.done, id)
@@ -45,8 +52,8 @@ if max_length > 0 then
     + redis.call('ZCARD', K.leased)
   local fresh, seen = 0, {}
   for i = 0, n - 1 do
-    local id = ARGV[first + i * 7]
-    if not seen[id] and not known(id) then
+    local id = ARGV[first + i * 8]
+    if not seen[id] and not known(id, ARGV[first + i * 8 + 7]) then
       fresh = fresh + 1
     end
     seen[id] = true
@@ -64,10 +71,10 @@ local to_ready, to_delay = {}, {}
 local bands = {}
 
 for i = 0, n - 1 do
-  local base = first + i * 7
+  local base = first + i * 8
   local id = ARGV[base]
   local item_key = item_prefix .. id
-  if known(id) then
+  if known(id, ARGV[base + 7]) then
     result[#result + 1] = 1
   else
     result[#result + 1] = 0
@@ -81,8 +88,8 @@ for i = 0, n - 1 do
     elseif not_before >= 0 then
       due = not_before
     end
-    local fields = {'p', ARGV[base + 1], 'a', 0, 'm', ARGV[base + 5], 'pr', priority,
-      'n', seq, 'e', now}
+    local fields = {'p', ARGV[base + 1], 'a', '0', 'm', ARGV[base + 5], 'pr', ARGV[base + 2],
+      'n', seq, 'e', now_arg}
     if ARGV[base + 6] ~= '' then
       fields[#fields + 1] = 'h'
       fields[#fields + 1] = ARGV[base + 6]
@@ -97,7 +104,13 @@ for i = 0, n - 1 do
     else
       fields[#fields + 1] = 's'
       fields[#fields + 1] = 'r'
-      to_ready[#to_ready + 1] = -priority
+      local score = band_score[priority]
+      if not score then
+        -- 0 - priority, not -priority: a band of priority 0 must be named '0', never '-0'.
+        score = tostring(0 - priority)
+        band_score[priority] = score
+      end
+      to_ready[#to_ready + 1] = score
       to_ready[#to_ready + 1] = ready_member(seq, id)
       bands[priority] = true
       readied = readied + 1

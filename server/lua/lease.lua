@@ -10,7 +10,8 @@
   the holder of the current token can extend, complete, fail or release the item.
 
   KEYS and ARGV[1..8]: see lib.lua.
-  ARGV[9]  lease duration (ms)        ARGV[10] token base (random, unique per call)
+  ARGV[9]  lease duration (ms)        ARGV[10] token (random, unique per call; every grant of
+                                      the call gets it)
   ARGV[11] reply budget per caller (bytes)
   ARGV[12] fixed reply bytes per item, besides its payload, headers and id
   ARGV[13] number of callers C, then C counts (>= 1 each)
@@ -33,6 +34,9 @@ local flags = redis.call('HMGET', K.meta, 'paused', 'sealed')
 local grants = {}
 for c = 1, callers do grants[c] = {} end
 local expire = now + lease_ms
+-- Numbers passed to redis.call are formatted with %.17g each time; the expiry, written once per
+-- item, is formatted once per call instead.
+local expire_arg = tostring(expire)
 
 if flags[1] ~= '1' then
   local total = 0
@@ -54,9 +58,11 @@ if flags[1] ~= '1' then
         if caller > callers then break end
         want = tonumber(ARGV[13 + caller])
       end
-      local token = token_base .. (j + 1) / 2
-      redis.call('HSET', item_key, 's', 'l', 'x', expire, 'k', token)
-      leased[#leased + 1] = expire
+      -- One token for the call's grants: each item is granted once per call, and every call
+      -- has its own random base, so a token still names one grant of one item.
+      local token = token_base
+      redis.call('HSET', item_key, 's', 'l', 'x', expire_arg, 'k', token)
+      leased[#leased + 1] = expire_arg
       leased[#leased + 1] = id
       local list = grants[caller]
       list[#list + 1] = {id, token, f[1], tonumber(f[2]), tonumber(f[3]), tonumber(f[4]),

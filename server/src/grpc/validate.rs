@@ -166,7 +166,8 @@ pub fn enqueue_items(config: &BrokerConfig, items: Vec<pb::EnqueueItem>) -> Resu
 
 fn enqueue_item(config: &BrokerConfig, index: usize, item: pb::EnqueueItem) -> Result<NewItem> {
     let field = |name: &str| format!("items[{index}].{name}");
-    let id = if item.id.is_empty() {
+    let id_assigned = item.id.is_empty();
+    let id = if id_assigned {
         uuid::Uuid::now_v7().to_string()
     } else {
         item_id(&field("id"), &item.id)?;
@@ -203,6 +204,7 @@ fn enqueue_item(config: &BrokerConfig, index: usize, item: pb::EnqueueItem) -> R
     };
     Ok(NewItem {
         id,
+        id_assigned,
         payload: item.payload,
         priority: item.priority,
         due,

@@ -30,10 +30,10 @@ impl Store {
                 move |(queue, _), wanted: Vec<u32>| {
                     let store = Arc::clone(&store);
                     async move {
-                        // A per-call random base makes every grant's token unique across calls
-                        // and replicas.
-                        let token_base = format!("{:016x}.", rand::random::<u64>());
-                        store.lease_many(&queue, &wanted, lease, &token_base).await
+                        // A random token per call makes every grant's token unique across
+                        // calls and replicas.
+                        let token = format!("{:016x}", rand::random::<u64>());
+                        store.lease_many(&queue, &wanted, lease, &token).await
                     }
                 },
             )

@@ -229,7 +229,8 @@ impl Store {
                 .arg(delay_ms)
                 .arg(not_before_ms)
                 .arg(item.max_attempts)
-                .arg(item.headers.as_ref());
+                .arg(item.headers.as_ref())
+                .arg(if item.id_assigned { "1" } else { "" });
         }
         let reply = self
             .invoke_scheduling(&call, queue, visit, "an enqueue", Ack::Replicas)
@@ -263,8 +264,10 @@ impl Store {
     }
 
     /// Leases for several callers in one script call: up to `wanted[i]` items for caller `i`,
-    /// each caller's grant within the reply budget, for `lease`; `token_base` must be unique per
-    /// call. Handlers use [`Store::lease_combined`].
+    /// each caller's grant within the reply budget, for `lease`. Every grant of the call gets
+    /// `token` as its fencing token, so it must be unique per call (each item is granted at
+    /// most once per call, so the token still names one grant). Handlers use
+    /// [`Store::lease_combined`].
     ///
     /// # Errors
     /// UNAVAILABLE when Redis does not answer.
@@ -273,11 +276,11 @@ impl Store {
         queue: &str,
         wanted: &[u32],
         lease: Duration,
-        token_base: &str,
+        token: &str,
     ) -> Result<Vec<LeaseBatch>> {
         let mut call = self.queue_call(&self.scripts.lease, queue);
         call.arg(millis(lease))
-            .arg(token_base)
+            .arg(token)
             .arg(self.config.max_reply_bytes)
             .arg(crate::config::REPLY_BYTES_PER_ITEM + 2 * queue.len())
             .arg(wanted.len());
@@ -333,9 +336,9 @@ impl Store {
         queue: &str,
         max_items: u32,
         lease: Duration,
-        token_base: &str,
+        token: &str,
     ) -> Result<LeaseBatch> {
-        self.lease_many(queue, &[max_items], lease, token_base)
+        self.lease_many(queue, &[max_items], lease, token)
             .await?
             .pop()
             .ok_or_else(|| Error::Internal("lease reply has no grant".into()))

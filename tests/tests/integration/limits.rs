@@ -23,7 +23,8 @@ async fn a_full_queue_refuses_whole_batches_until_items_finish() {
     )
     .await;
 
-    // Two new items (the duplicate does not count) would make four: nothing is written.
+    // Two new items (the duplicate does not count; the item without an id, whose id the broker
+    // makes up, does) would make four: nothing is written.
     let before = redis_dump(&redis).await;
     let refused = client
         .enqueue(pb::EnqueueRequest {
@@ -34,7 +35,9 @@ async fn a_full_queue_refuses_whole_batches_until_items_finish() {
         .expect_err("over the length limit");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(
-        refused.message().contains("--max-queue-length 3") && refused.message().contains("holds 2"),
+        refused.message().contains("--max-queue-length 3")
+            && refused.message().contains("holds 2")
+            && refused.message().contains("would add 2"),
         "{refused:?}"
     );
     assert_eq!(
