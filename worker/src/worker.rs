@@ -149,6 +149,16 @@ impl Worker {
         let concurrency = self.config.concurrency;
         let lease_ahead = LeaseAhead::new(self.config.prefetch, concurrency);
         let running = Arc::new(Semaphore::new(concurrency as usize));
+        // What every item's task shares, built once rather than cloned per item.
+        let job = Arc::new(Job {
+            client: self.client.clone(),
+            queue: queue.clone(),
+            in_work: Arc::clone(in_work),
+            reports,
+            running,
+            lease_ahead: Arc::clone(&lease_ahead),
+            shutdown: shutdown.clone(),
+        });
         // Lowered when the broker's --max-lease-items is smaller (it answers INVALID_ARGUMENT).
         let mut lease_cap = MAX_LEASE_BATCH;
         // Set when a full batch left room unfilled (the cap was smaller than the room): the
@@ -236,15 +246,7 @@ impl Worker {
                     break;
                 };
                 let item_held = in_work.hold(&item.lease_id);
-                let job = Job {
-                    client: self.client.clone(),
-                    queue: queue.clone(),
-                    in_work: Arc::clone(in_work),
-                    reports: reports.clone(),
-                    running: Arc::clone(&running),
-                    lease_ahead: Arc::clone(&lease_ahead),
-                    shutdown: shutdown.clone(),
-                };
+                let job = Arc::clone(&job);
                 let handler = Arc::clone(&handler);
                 tasks.spawn(
                     async move { job.process(handler.as_ref(), item, item_held, leased).await },
