@@ -58,7 +58,7 @@ pub(crate) async fn run(
             let mut call =
                 scripts::queue_invocation(&scripts.lease, &keys, &channel, queue, config);
             call.arg(lease_ms)
-                // Unique per call, as the broker's random token base is.
+                // Unique per call, as the broker's random token is.
                 .arg(format!("direct-{round}-{slot}-"))
                 .arg(config.max_reply_bytes)
                 .arg(wq_server::config::REPLY_BYTES_PER_ITEM)

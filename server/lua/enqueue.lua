@@ -9,11 +9,12 @@
   KEYS and ARGV[1..8]: see lib.lua.
   ARGV[9]  number of items N
   ARGV[10] most items the queue may hold in ready + delayed + leased (0 = no limit)
-  then 8 values per item:
+  then 7 values per item:
     id, payload, priority, delay (ms, -1 = none), not_before (unix ms, -1 = none),
-    max_attempts (resolved, >= 1), headers (opaque bytes, '' = none),
-    assigned ('1' when the broker made the id up, a fresh UUIDv7 that no stored or finished
-    item can have, so it is not looked up; '' otherwise)
+    max_attempts (resolved, >= 1), headers (opaque bytes, '' = none)
+
+  Every id is looked up, those the broker made up too: a script call whose reply was lost may be
+  run again by a Redis client that retries it, and must then add nothing twice.
 
   Returns {status, now_ms, dup_1, ..., dup_N}:
     status 0 = ok, 1 = the queue is sealed (nothing written)
@@ -37,8 +38,7 @@ local band_score = {}
 -- Finished ids are looked up only when the queue remembers any; an id is known for exactly its
 -- window, however late the reaper forgets it.
 local remembers = keep_ms > 0 and redis.call('ZCARD', K.done) > 0
-local function known(id, assigned)
-  if assigned == '1' then return false end
+local function known(id)
   if redis.call('EXISTS', item_prefix .. id) == 1 then return true end
   if not remembers then return false end
   local finished = redis.call('ZSCORE', K.done, id)
@@ -52,8 +52,8 @@ if max_length > 0 then
     + redis.call('ZCARD', K.leased)
   local fresh, seen = 0, {}
   for i = 0, n - 1 do
-    local id = ARGV[first + i * 8]
-    if not seen[id] and not known(id, ARGV[first + i * 8 + 7]) then
+    local id = ARGV[first + i * 7]
+    if not seen[id] and not known(id) then
       fresh = fresh + 1
     end
     seen[id] = true
@@ -71,10 +71,10 @@ local to_ready, to_delay = {}, {}
 local bands = {}
 
 for i = 0, n - 1 do
-  local base = first + i * 8
+  local base = first + i * 7
   local id = ARGV[base]
   local item_key = item_prefix .. id
-  if known(id, ARGV[base + 7]) then
+  if known(id) then
     result[#result + 1] = 1
   else
     result[#result + 1] = 0

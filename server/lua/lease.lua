@@ -6,7 +6,8 @@
   Items go to the callers in order, each up to its count and its reply budget: a caller's items
   stop before their estimated reply size would pass the budget, but every caller's first item
   is granted whatever its size, so any valid item can be leased. Items past the budget stay
-  ready, untouched. A paused queue grants nothing. Each grant gets a fresh token (fencing): only
+  ready, untouched. A paused queue grants nothing. Each grant gets a token its item never had
+  before (fencing; the call's random token, shared by the call's grants of different items): only
   the holder of the current token can extend, complete, fail or release the item.
 
   KEYS and ARGV[1..8]: see lib.lua.
@@ -23,7 +24,7 @@
     {id, token, payload, attempts_ended, max_attempts, priority, enqueue_ms, headers|nil}
 ]]
 
-local lease_ms, token_base = tonumber(ARGV[9]), ARGV[10]
+local lease_ms, token = tonumber(ARGV[9]), ARGV[10]
 local budget, per_item = tonumber(ARGV[11]), tonumber(ARGV[12])
 local callers = tonumber(ARGV[13])
 
@@ -46,12 +47,15 @@ if flags[1] ~= '1' then
   local want = tonumber(ARGV[14])
   -- How many members from the front of the ready set this call consumes (granted or dropped).
   local consumed = 0
-  local leased, bands = {}, {}
+  local leased, bands, granted = {}, {}, {}
   for j = 1, #front, 2 do
     local id = id_of_member(front[j])
     local item_key = item_prefix .. id
     local f = redis.call('HMGET', item_key, 'p', 'a', 'm', 'pr', 'e', 'h')
-    if f[3] then
+    -- An id twice in the ready set (which no script writes) is granted once: its grants would
+    -- share the call's token, and so one lease id.
+    if f[3] and not granted[id] then
+      granted[id] = true
       local size = #f[1] + 2 * #(f[6] or '') + 3 * #id + per_item
       if count >= want or (count > 0 and bytes + size > budget) then
         caller, count, bytes = caller + 1, 0, 0
@@ -59,8 +63,7 @@ if flags[1] ~= '1' then
         want = tonumber(ARGV[13 + caller])
       end
       -- One token for the call's grants: each item is granted once per call, and every call
-      -- has its own random base, so a token still names one grant of one item.
-      local token = token_base
+      -- has its own random token, so (item, token) still names one grant.
       redis.call('HSET', item_key, 's', 'l', 'x', expire_arg, 'k', token)
       leased[#leased + 1] = expire_arg
       leased[#leased + 1] = id

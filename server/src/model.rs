@@ -21,9 +21,6 @@ pub enum Due {
 pub struct NewItem {
     /// The item's id (caller-supplied or assigned).
     pub id: String,
-    /// The broker assigned the id (a fresh UUIDv7), so no stored item can have it and the
-    /// duplicate check is skipped.
-    pub id_assigned: bool,
     /// The payload.
     pub payload: Bytes,
     /// Higher is leased first.

@@ -3,10 +3,14 @@
 //! completions and give-backs to the broker many at a time.
 
 use std::{
+    any::Any,
     future::Future,
+    panic::AssertUnwindSafe,
     sync::Arc,
     time::{Duration, Instant},
 };
+
+use futures_util::FutureExt as _;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -16,6 +20,7 @@ use crate::{
     Handler, Outcome, chunked,
     in_work::{Held, InWork},
     lease_ahead::{LeaseAhead, Reserved},
+    worker::refused_for_good,
 };
 
 /// Longest pause between retries after the broker failed.
@@ -76,9 +81,25 @@ impl Job {
                 return ended;
             }
         };
+        // The heartbeat may have heard, while the item waited, that its lease is gone: someone
+        // else may be running it by now.
+        if held.is_lost() {
+            tracing::warn!(id = %item.id, "lease lost while waiting for a slot; not running it");
+            self.in_work.forget(&item.lease_id);
+            return TaskEnd::Lost;
+        }
         tracing::debug!(id = %item.id, attempt = item.attempt, "working on item");
+        self.lease_ahead.started();
         let started = Instant::now();
-        let outcome = handler.handle(&item).await;
+        // A panicking handler fails its attempt like an error would, so the item is retried
+        // (and in the end dead-lettered) instead of held and extended for ever.
+        let outcome = match AssertUnwindSafe(handler.handle(&item)).catch_unwind().await {
+            Ok(outcome) => outcome,
+            Err(panic) => Outcome::Retry {
+                error: format!("the handler panicked: {}", panic_message(panic.as_ref())),
+                delay: None,
+            },
+        };
         self.lease_ahead.timed(started.elapsed());
         held.set_handled();
         drop(slot);
@@ -114,18 +135,34 @@ impl Job {
         // Waited the whole window: the items ahead of it ran longer than the worker expected,
         // and another worker may be idle.
         self.lease_ahead.overstayed();
-        match through(&self.reports.releases, item.lease_id.clone()).await {
-            Ok(pb::LeaseOutcome::Ok) => {
-                tracing::info!(id = %item.id, ?window, "waited the prefetch window for a slot; given back");
-                return Err(TaskEnd::GivenBack);
-            }
-            Ok(_) => {
-                tracing::warn!(id = %item.id, "lease lost while waiting for a slot");
-                return Err(TaskEnd::Lost);
-            }
-            // Not given back: it is still this worker's to run.
-            Err(error) => {
-                tracing::warn!(id = %item.id, %error, "giving an item back failed; running it here");
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match through(&self.reports.releases, item.lease_id.clone()).await {
+                Ok(pb::LeaseOutcome::Ok) => {
+                    tracing::info!(id = %item.id, ?window, "waited the prefetch window for a slot; given back");
+                    return Err(TaskEnd::GivenBack);
+                }
+                Ok(_) => {
+                    tracing::warn!(id = %item.id, "lease lost while waiting for a slot");
+                    return Err(TaskEnd::Lost);
+                }
+                // Refused outright, so not released: still this worker's to run.
+                Err(error) if refused_for_good(&error) => {
+                    tracing::warn!(id = %item.id, %error, "the broker refused to take an item back; running it here");
+                    break;
+                }
+                // The broker may have released it without the answer getting here: running it
+                // now could run it twice. Asking again is safe (a second release of the same
+                // lease answers that it is no longer held).
+                Err(error) => {
+                    tracing::warn!(id = %item.id, %error, retry_in = ?delay, "giving an item back failed; asking again");
+                    tokio::select! {
+                        biased;
+                        () = self.shutdown.cancelled() => return Err(TaskEnd::Unstarted),
+                        () = tokio::time::sleep(delay) => {}
+                    }
+                    delay = (delay * 2).min(MAX_BACKOFF);
+                }
             }
         }
         tokio::select! {
@@ -217,6 +254,15 @@ impl Job {
             .await?;
         Ok(reply.result.map(|r| r.outcome()))
     }
+}
+
+/// The text a panic was raised with, when it is text.
+fn panic_message(panic: &(dyn Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 fn outcome_name(outcome: &Outcome) -> &'static str {

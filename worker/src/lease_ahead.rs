@@ -2,19 +2,23 @@
 //!
 //! Leasing ahead hides the Lease round trip (and lets one Lease and one Complete call carry many
 //! items), but an item leased ahead waits in this worker while another worker may be idle. With
-//! [`Prefetch::Auto`] the worker leases ahead only as many items as its recent handlers say it
-//! will start within half the window: none until it has timed an item, many for items of
-//! microseconds, none for items that take as long as the window. An item that still waits for
-//! a slot after the whole window (its predecessors ran longer than their history said) is given
-//! back to the queue, where any worker may take it, and leasing ahead stops until items are
-//! short again. [`Prefetch::Fixed`] leases a fixed number ahead and never gives items back.
+//! [`Prefetch::Auto`] the worker leases ahead only as many items as it expects to start within
+//! half the window, judged two ways, the smaller one counting: by its recent handler times (as
+//! if every slot turned over at that pace) and by how often it has actually started an item
+//! lately (slots held by long handlers do not turn over, and a worker that has started nothing
+//! for a while expects to start nothing). It leases nothing ahead until it has timed an item
+//! and seen two start; many items ahead for items of microseconds, none for items that take as
+//! long as the window. An item that still waits for a slot after the whole window (the items
+//! before it ran longer than their history said) is given back to the queue, where any worker
+//! may take it, and leasing ahead stops until items start quickly again. [`Prefetch::Fixed`]
+//! leases a fixed number ahead and never gives items back.
 
 use std::{
     sync::{
         Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::Notify;
@@ -24,17 +28,21 @@ use tokio::sync::Notify;
 pub const MAX_AUTO_AHEAD: usize = 256;
 /// The default [`Prefetch::Auto`] window.
 pub const DEFAULT_WINDOW: Duration = Duration::from_millis(100);
-/// Weight of the newest handler time in the running estimate.
+/// The shortest [`Prefetch::Auto`] window: a shorter one would give items back before a slot
+/// could take them.
+pub const MIN_WINDOW: Duration = Duration::from_millis(1);
+/// Weight of the newest sample in the running means.
 const NEWEST_WEIGHT: f64 = 1.0 / 8.0;
 
 /// How many items a worker leases ahead of its free handler slots.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Prefetch {
     /// As many as the worker expects to start within half of `window`, judged by its recent
-    /// handler times (at most [`MAX_AUTO_AHEAD`]); an item that waited `window` for a slot is
-    /// given back to the queue (see the module docs).
+    /// handler times and item starts (at most [`MAX_AUTO_AHEAD`]); an item that waited
+    /// `window` for a slot is given back to the queue (see the module docs).
     Auto {
-        /// The longest an item waits in this worker for a slot before it is given back.
+        /// The longest an item waits in this worker for a slot before it is given back (at
+        /// least [`MIN_WINDOW`]; a shorter one counts as that).
         window: Duration,
     },
     /// Always this many (0: none); items are never given back. For a known workload: many short
@@ -67,25 +75,47 @@ impl std::str::FromStr for Prefetch {
     }
 }
 
+/// The worker's recent pace, from which it judges how many items to lease ahead.
+#[derive(Debug, Default)]
+struct Pace {
+    /// Mean handler time in seconds, newest weighted most; None until one has been timed.
+    handler_time: Option<f64>,
+    /// Mean time between two handler starts in seconds; None until two have started.
+    start_interval: Option<f64>,
+    last_start: Option<Instant>,
+}
+
 /// The items a worker holds and how many more it may lease.
 #[derive(Debug)]
 pub(crate) struct LeaseAhead {
     prefetch: Prefetch,
     concurrency: usize,
-    /// Mean handler time in seconds, newest weighted most; None until one has been timed.
-    handler_time: Mutex<Option<f64>>,
+    pace: Mutex<Pace>,
     /// Items leased (or being leased) whose handler has not finished.
     held: AtomicUsize,
     /// Signalled whenever room may have grown.
     freed: Notify,
 }
 
+fn weigh_in(mean: Option<f64>, sample: f64) -> f64 {
+    match mean {
+        Some(mean) => mean + (sample - mean) * NEWEST_WEIGHT,
+        None => sample,
+    }
+}
+
 impl LeaseAhead {
     pub(crate) fn new(prefetch: Prefetch, concurrency: u32) -> Arc<Self> {
+        let prefetch = match prefetch {
+            Prefetch::Auto { window } => Prefetch::Auto {
+                window: window.max(MIN_WINDOW),
+            },
+            fixed @ Prefetch::Fixed(_) => fixed,
+        };
         Arc::new(Self {
             prefetch,
             concurrency: concurrency.max(1) as usize,
-            handler_time: Mutex::new(None),
+            pace: Mutex::new(Pace::default()),
             held: AtomicUsize::new(0),
             freed: Notify::new(),
         })
@@ -104,12 +134,21 @@ impl LeaseAhead {
         match self.prefetch {
             Prefetch::Fixed(n) => n as usize,
             Prefetch::Auto { window } => {
-                let Some(mean) = self.handler_time.lock().ok().and_then(|t| *t) else {
+                let Ok(pace) = self.pace.lock() else { return 0 };
+                let (Some(handler_time), Some(interval), Some(last_start)) =
+                    (pace.handler_time, pace.start_interval, pace.last_start)
+                else {
                     return 0;
                 };
-                // The last of `ahead` items waits for about ahead × mean / concurrency.
-                let ahead = window.as_secs_f64() / 2.0 * self.concurrency as f64 / mean.max(1e-7);
-                (ahead.floor() as usize).min(MAX_AUTO_AHEAD)
+                let half = window.as_secs_f64() / 2.0;
+                // The last of `ahead` items waits for about ahead × handler time / slots, if
+                // every slot turns over at the handlers' pace...
+                let by_handlers = half * self.concurrency as f64 / handler_time.max(1e-7);
+                // ...and for ahead × the time between starts, as the worker actually starts
+                // them (nothing started for a while counts as a long interval).
+                let interval = interval.max(last_start.elapsed().as_secs_f64());
+                let by_starts = half / interval.max(1e-7);
+                (by_handlers.min(by_starts).floor() as usize).min(MAX_AUTO_AHEAD)
             }
         }
     }
@@ -128,11 +167,19 @@ impl LeaseAhead {
         }
     }
 
-    /// Waits until at least `wanted` items may be leased.
-    pub(crate) async fn room_for(&self, wanted: usize) {
+    /// Waits until a Lease call is worth making: room for [`Self::worth_a_call`] items (judged
+    /// afresh whenever room may have changed), at most `cap`, or for one when `top_up`.
+    pub(crate) async fn room_for_a_call(&self, cap: usize, top_up: bool) {
+        let wanted = || {
+            if top_up {
+                1
+            } else {
+                self.worth_a_call().min(cap).max(1)
+            }
+        };
         // `notify_one` keeps a permit when nobody waits, so a free between the check and the
         // wait is not missed.
-        while self.room() < wanted {
+        while self.room() < wanted() {
             self.freed.notified().await;
         }
     }
@@ -146,25 +193,36 @@ impl LeaseAhead {
         }
     }
 
+    /// Records that a handler starts now.
+    pub(crate) fn started(&self) {
+        if let Ok(mut pace) = self.pace.lock() {
+            let now = Instant::now();
+            if let Some(last) = pace.last_start {
+                let interval = now.duration_since(last).as_secs_f64();
+                pace.start_interval = Some(weigh_in(pace.start_interval, interval));
+            }
+            pace.last_start = Some(now);
+        }
+    }
+
     /// Records how long a handler took.
     pub(crate) fn timed(&self, took: Duration) {
-        if let Ok(mut mean) = self.handler_time.lock() {
-            let took = took.as_secs_f64();
-            *mean = Some(match *mean {
-                Some(mean) => mean + (took - mean) * NEWEST_WEIGHT,
-                None => took,
-            });
+        if let Ok(mut pace) = self.pace.lock() {
+            pace.handler_time = Some(weigh_in(pace.handler_time, took.as_secs_f64()));
         }
         self.freed.notify_one();
     }
 
-    /// An item waited the whole window: the estimate was too short. Raised so that nothing is
-    /// leased ahead until handlers have been short again for a while.
+    /// An item waited the whole window: the worker starts items more slowly than it judged.
+    /// Both means are raised so that nothing is leased ahead until items have started quickly
+    /// (and finished quickly) for a while again.
     pub(crate) fn overstayed(&self) {
         let Some(window) = self.window() else { return };
-        if let Ok(mut mean) = self.handler_time.lock() {
-            let floor = window.as_secs_f64() * self.concurrency as f64;
-            *mean = Some(mean.map_or(floor, |m| m.max(floor)));
+        if let Ok(mut pace) = self.pace.lock() {
+            let window = window.as_secs_f64();
+            let slowest = window * self.concurrency as f64;
+            pace.handler_time = Some(pace.handler_time.map_or(slowest, |m| m.max(slowest)));
+            pace.start_interval = Some(pace.start_interval.map_or(window, |m| m.max(window)));
         }
     }
 
@@ -218,63 +276,107 @@ mod tests {
         }
     }
 
+    /// Two items started back to back, then one timed at `took`.
+    fn paced(ahead: &LeaseAhead, took: Duration) {
+        ahead.started();
+        ahead.started();
+        ahead.timed(took);
+    }
+
     #[test]
-    fn nothing_is_leased_ahead_before_an_item_is_timed() {
+    fn nothing_is_leased_ahead_before_an_item_is_timed_and_two_have_started() {
         let ahead = LeaseAhead::new(auto(100), 4);
-        assert_eq!(ahead.ahead(), 0);
-        assert_eq!(ahead.room(), 4);
-        assert_eq!(ahead.worth_a_call(), 1);
+        assert_eq!(
+            (ahead.ahead(), ahead.room(), ahead.worth_a_call()),
+            (0, 4, 1)
+        );
+        ahead.started();
+        ahead.timed(Duration::from_micros(5));
+        assert_eq!(ahead.ahead(), 0, "one start says nothing about the pace");
+        ahead.started();
+        assert_eq!(ahead.ahead(), MAX_AUTO_AHEAD);
     }
 
     #[test]
     fn short_items_are_leased_ahead_up_to_the_cap_and_long_ones_not_at_all() {
         let short = LeaseAhead::new(auto(100), 1);
-        short.timed(Duration::from_micros(5));
+        paced(&short, Duration::from_micros(5));
         assert_eq!(short.ahead(), MAX_AUTO_AHEAD);
         assert_eq!(short.worth_a_call(), MAX_AUTO_AHEAD / 2);
 
         // 10 ms items, 2 slots: 50 ms' worth is 10 items.
         let medium = LeaseAhead::new(auto(100), 2);
-        medium.timed(Duration::from_millis(10));
+        paced(&medium, Duration::from_millis(10));
         assert_eq!(medium.ahead(), 10);
 
         let long = LeaseAhead::new(auto(100), 1);
-        long.timed(Duration::from_millis(60));
+        paced(&long, Duration::from_millis(60));
         assert_eq!(long.ahead(), 0);
+    }
+
+    #[test]
+    fn slots_that_do_not_turn_over_count_through_the_starts() {
+        // Short handlers, but items start only every 20 ms or more (the other slots are
+        // busy with long items): at most 25 in half a second.
+        let ahead = LeaseAhead::new(auto(1000), 16);
+        ahead.started();
+        std::thread::sleep(Duration::from_millis(20));
+        ahead.started();
+        ahead.timed(Duration::from_micros(1));
+        let judged = ahead.ahead();
+        assert!((1..=25).contains(&judged), "{judged}");
+        // A worker that starts nothing for longer than half the window expects nothing.
+        let idle = LeaseAhead::new(auto(20), 1);
+        paced(&idle, Duration::from_micros(1));
+        std::thread::sleep(Duration::from_millis(15));
+        assert_eq!(idle.ahead(), 0);
     }
 
     #[test]
     fn the_estimate_follows_recent_items() {
         let ahead = LeaseAhead::new(auto(100), 1);
-        ahead.timed(Duration::from_micros(10));
+        paced(&ahead, Duration::from_micros(10));
         assert_eq!(ahead.ahead(), MAX_AUTO_AHEAD);
         // One long item is enough to stop leasing ahead...
         ahead.timed(Duration::from_secs(2));
         assert_eq!(ahead.ahead(), 0);
         // ...and short items bring it back.
         for _ in 0..80 {
+            ahead.started();
             ahead.timed(Duration::from_micros(10));
         }
         assert_eq!(ahead.ahead(), MAX_AUTO_AHEAD);
     }
 
     #[test]
-    fn an_overstay_stops_leasing_ahead_until_items_are_short_again() {
+    fn an_overstay_stops_leasing_ahead_until_items_start_quickly_again() {
         let ahead = LeaseAhead::new(auto(100), 4);
-        ahead.timed(Duration::from_millis(1));
+        paced(&ahead, Duration::from_millis(1));
         assert_eq!(ahead.ahead(), 200);
         ahead.overstayed();
         assert_eq!(ahead.ahead(), 0);
         for _ in 0..60 {
+            ahead.started();
             ahead.timed(Duration::from_millis(1));
         }
         assert!(ahead.ahead() > 100, "{}", ahead.ahead());
     }
 
     #[test]
-    fn fixed_prefetch_ignores_handler_times_and_never_gives_back() {
+    fn a_window_below_the_minimum_counts_as_the_minimum() {
+        let ahead = LeaseAhead::new(
+            Prefetch::Auto {
+                window: Duration::ZERO,
+            },
+            1,
+        );
+        assert_eq!(ahead.window(), Some(MIN_WINDOW));
+    }
+
+    #[test]
+    fn fixed_prefetch_ignores_the_pace_and_never_gives_back() {
         let ahead = LeaseAhead::new(Prefetch::Fixed(8), 2);
-        ahead.timed(Duration::from_secs(60));
+        paced(&ahead, Duration::from_secs(60));
         ahead.overstayed();
         assert_eq!(
             (ahead.ahead(), ahead.room(), ahead.worth_a_call()),
@@ -304,7 +406,7 @@ mod tests {
         let held = ahead.reserve(1);
         let waiting = tokio::spawn({
             let ahead = Arc::clone(&ahead);
-            async move { ahead.room_for(1).await }
+            async move { ahead.room_for_a_call(256, false).await }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiting.is_finished());

@@ -49,7 +49,7 @@ pub struct RunSummary {
 /// Lease failures that no retry can fix: settings that cannot work (TLS that fails for good:
 /// an untrusted broker certificate, a missing or refused client certificate, a URL scheme the
 /// port does not speak) and the status codes of a caller the broker refuses.
-fn refused_for_good(error: &wq_client::Error) -> bool {
+pub(crate) fn refused_for_good(error: &wq_client::Error) -> bool {
     use tonic::Code;
     error.is_settings_error()
         || matches!(
@@ -172,14 +172,10 @@ impl Worker {
             while let Some(ended) = tasks.try_join_next() {
                 tally(&mut summary, ended);
             }
-            let wanted = if top_up {
-                1
-            } else {
-                lease_ahead.worth_a_call().min(lease_cap as usize)
-            };
+            let wait = lease_ahead.room_for_a_call(lease_cap as usize, top_up);
             top_up = false;
             tokio::select! {
-                () = lease_ahead.room_for(wanted) => {}
+                () = wait => {}
                 () = shutdown.cancelled() => break,
                 Some(ended) = tasks.join_next(), if !tasks.is_empty() => {
                     tally(&mut summary, ended);

@@ -166,8 +166,7 @@ pub fn enqueue_items(config: &BrokerConfig, items: Vec<pb::EnqueueItem>) -> Resu
 
 fn enqueue_item(config: &BrokerConfig, index: usize, item: pb::EnqueueItem) -> Result<NewItem> {
     let field = |name: &str| format!("items[{index}].{name}");
-    let id_assigned = item.id.is_empty();
-    let id = if id_assigned {
+    let id = if item.id.is_empty() {
         uuid::Uuid::now_v7().to_string()
     } else {
         item_id(&field("id"), &item.id)?;
@@ -204,7 +203,6 @@ fn enqueue_item(config: &BrokerConfig, index: usize, item: pb::EnqueueItem) -> R
     };
     Ok(NewItem {
         id,
-        id_assigned,
         payload: item.payload,
         priority: item.priority,
         due,

@@ -229,8 +229,7 @@ impl Store {
                 .arg(delay_ms)
                 .arg(not_before_ms)
                 .arg(item.max_attempts)
-                .arg(item.headers.as_ref())
-                .arg(if item.id_assigned { "1" } else { "" });
+                .arg(item.headers.as_ref());
         }
         let reply = self
             .invoke_scheduling(&call, queue, visit, "an enqueue", Ack::Replicas)

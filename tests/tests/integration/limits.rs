@@ -23,8 +23,7 @@ async fn a_full_queue_refuses_whole_batches_until_items_finish() {
     )
     .await;
 
-    // Two new items (the duplicate does not count; the item without an id, whose id the broker
-    // makes up, does) would make four: nothing is written.
+    // Two new items (the duplicate does not count) would make four: nothing is written.
     let before = redis_dump(&redis).await;
     let refused = client
         .enqueue(pb::EnqueueRequest {

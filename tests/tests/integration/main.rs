@@ -25,4 +25,5 @@ mod setup;
 mod tools;
 mod waiting;
 mod worker;
+mod worker_library;
 mod worker_process;

@@ -22,11 +22,17 @@ const RECORD_AND_SLEEP: &str =
 /// Slots per worker process in every scenario.
 pub(super) const CONCURRENCY: usize = 4;
 
-/// Most items one worker holds unacknowledged: its running items, and as many more whose
-/// handler is done but whose Complete is still on its way (a slot is given back when its
-/// handler ends and its report goes on in the background; see worker/src/worker.rs), so
-/// twice its slots. Only these can run again when a worker or Redis fails.
-pub(super) const HELD_PER_WORKER: usize = 2 * CONCURRENCY;
+/// Items every worker of these tests leases ahead of its slots (`--prefetch`). A fixed number,
+/// not the default `auto`: how many `auto` leases ahead depends on the machine's pace at the
+/// moment, and these tests bound repeats by what a worker can hold.
+pub(super) const PREFETCH: usize = 4;
+
+/// Most items one worker holds unacknowledged: its running items, as many more whose handler
+/// is done but whose Complete is still on its way (a slot is given back when its handler ends
+/// and its report goes on in the background; see worker/src/worker.rs), and those leased ahead,
+/// which a worker runs while Redis is away. Only these can run again when a worker or Redis
+/// fails.
+pub(super) const HELD_PER_WORKER: usize = 2 * CONCURRENCY + PREFETCH;
 
 /// Lease duration of every worker. Long enough that a worker on a loaded machine keeps its
 /// leases by heartbeat (so repeats come from the injected faults only), short enough that a
@@ -68,6 +74,7 @@ impl Fleet {
         let child = Command::new(binary("wq-worker"))
             .args(["--broker", broker, "--queue", queue])
             .args(["--concurrency", &CONCURRENCY.to_string()])
+            .args(["--prefetch", &PREFETCH.to_string()])
             .args(["--lease-duration", WORKER_LEASE, "--max-wait", "1s"])
             .args(extra)
             .args(["--", "sh", "-c", RECORD_AND_SLEEP])
