@@ -78,16 +78,22 @@ pub(crate) async fn run(
     tokio::time::sleep(PARK_DELAY).await;
     let waiting = window(&mut redis, settings.window).await;
     // A waiter that already returned was not waiting for the whole window.
-    let returned_early = waiters.try_join_next().is_some();
+    let returned_early = waiters.try_join_next();
     // Dropping the calls cancels them on the broker.
     waiters.abort_all();
     let waiting = waiting?;
-    anyhow::ensure!(
-        !returned_early,
-        "a waiting Lease returned during the idle window (is --max-wait on the broker shorter \
-         than {max_wait:?}, or --max-waiting-leases below {}?)",
-        settings.leases
-    );
+    if let Some(returned) = returned_early {
+        let answer = match returned {
+            Ok(Ok(reply)) => format!("{} items", reply.items.len()),
+            Ok(Err(error)) => error.to_string(),
+            Err(error) => error.to_string(),
+        };
+        anyhow::bail!(
+            "a waiting Lease returned during the idle window ({answer}; is --max-wait on the \
+             broker shorter than {max_wait:?}, or --max-waiting-leases below {}?)",
+            settings.leases
+        );
+    }
 
     let seconds = settings.window.as_secs_f64();
     let mut waiting_by_command: Vec<(String, f64)> = waiting

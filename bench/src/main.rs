@@ -162,9 +162,10 @@ struct Args {
     /// idle: waiting Leases on the empty queue.
     #[arg(long, default_value_t = 1000)]
     idle_leases: usize,
-    /// idle: connections the waiting Leases are spread over.
-    #[arg(long, default_value_t = 8)]
-    idle_connections: usize,
+    /// idle: connections the waiting Leases are spread over [default: one per 64 Leases, as a
+    /// broker takes at most 75 waiting Leases per connection by default].
+    #[arg(long)]
+    idle_connections: Option<usize>,
     /// idle: seconds of each measuring window (one without waiters, one with).
     #[arg(long, default_value_t = 5.0)]
     idle_seconds: f64,
@@ -537,7 +538,9 @@ async fn main() -> anyhow::Result<()> {
                 queues.push(queue.clone());
                 let settings = idle::Settings {
                     leases: args.idle_leases,
-                    connections: args.idle_connections,
+                    connections: args
+                        .idle_connections
+                        .unwrap_or(args.idle_leases.div_ceil(64)),
                     window: Duration::try_from_secs_f64(args.idle_seconds)
                         .context("--idle-seconds")?,
                 };
