@@ -36,9 +36,15 @@ impl Held {
         self.lost.load(Ordering::SeqCst)
     }
 
-    /// The handler is done: the lease needs no more extending.
+    /// The handler is done (or the item is being given back): the lease needs no more
+    /// extending.
     pub(crate) fn set_handled(&self) {
         self.handled.store(true, Ordering::SeqCst);
+    }
+
+    /// The item is to run after all: its lease is extended again.
+    pub(crate) fn set_unhandled(&self) {
+        self.handled.store(false, Ordering::SeqCst);
     }
 }
 

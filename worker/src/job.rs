@@ -20,7 +20,6 @@ use crate::{
     Handler, Outcome, chunked,
     in_work::{Held, InWork},
     lease_ahead::{LeaseAhead, Reserved},
-    worker::refused_for_good,
 };
 
 /// Longest pause between retries after the broker failed.
@@ -29,6 +28,13 @@ pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const REPORT_ATTEMPTS: u32 = 5;
 /// Most completions one Complete call carries.
 pub(crate) const MAX_COMPLETE_BATCH: usize = 256;
+
+/// What became of an item given back.
+enum GiveBack {
+    Ended(TaskEnd),
+    /// The broker cannot take it back: it is run here after all.
+    RunHere,
+}
 
 /// How an item's task ended.
 pub(crate) enum TaskEnd {
@@ -58,6 +64,8 @@ pub(crate) struct Job {
     /// Slots for running handlers (the worker's concurrency).
     pub(crate) running: Arc<Semaphore>,
     pub(crate) lease_ahead: Arc<LeaseAhead>,
+    /// The lease duration asked for: an item no longer extended is gone after it.
+    pub(crate) lease_duration: Duration,
     pub(crate) shutdown: CancellationToken,
 }
 
@@ -72,7 +80,8 @@ impl Job {
         held: Arc<Held>,
         leased: Reserved,
     ) -> TaskEnd {
-        let slot = match self.slot_for(&item).await {
+        let mut leased = Some(leased);
+        let slot = match self.slot_for(&item, &held, &mut leased).await {
             Ok(slot) => slot,
             Err(ended) => {
                 if matches!(ended, TaskEnd::GivenBack | TaskEnd::Lost) {
@@ -89,7 +98,6 @@ impl Job {
             return TaskEnd::Lost;
         }
         tracing::debug!(id = %item.id, attempt = item.attempt, "working on item");
-        self.lease_ahead.started();
         let started = Instant::now();
         // A panicking handler fails its attempt like an error would, so the item is retried
         // (and in the end dead-lettered) instead of held and extended for ever.
@@ -115,8 +123,20 @@ impl Job {
     }
 
     /// A handler slot for `item`, or how its task ends without one: at shutdown, or (with a
-    /// prefetch window) given back to the queue once it has waited the whole window.
-    async fn slot_for(&self, item: &pb::LeasedItem) -> Result<OwnedSemaphorePermit, TaskEnd> {
+    /// prefetch window) given back to the queue once it has waited the whole window. Records
+    /// the start, and how long the item waited, for the worker's pace.
+    async fn slot_for(
+        &self,
+        item: &pb::LeasedItem,
+        held: &Held,
+        leased: &mut Option<Reserved>,
+    ) -> Result<OwnedSemaphorePermit, TaskEnd> {
+        if let Ok(slot) = Arc::clone(&self.running).try_acquire_owned() {
+            self.lease_ahead.started(None);
+            return Ok(slot);
+        }
+        let waiting = self.lease_ahead.waiting();
+        let since = Instant::now();
         let window = self.lease_ahead.window();
         let overstay = async {
             match window {
@@ -128,47 +148,94 @@ impl Job {
             biased;
             () = self.shutdown.cancelled() => return Err(TaskEnd::Unstarted),
             slot = Arc::clone(&self.running).acquire_owned() => {
+                drop(waiting);
+                self.lease_ahead.started(Some(since.elapsed()));
                 return slot.map_err(|_| TaskEnd::Unstarted); // never closed
             }
             () = overstay => {}
         }
+        drop(waiting);
         // Waited the whole window: the items ahead of it ran longer than the worker expected,
         // and another worker may be idle.
         self.lease_ahead.overstayed();
+        match self.give_back(item, held, leased).await {
+            GiveBack::Ended(ended) => Err(ended),
+            GiveBack::RunHere => {
+                let slot = tokio::select! {
+                    biased;
+                    () = self.shutdown.cancelled() => return Err(TaskEnd::Unstarted),
+                    slot = Arc::clone(&self.running).acquire_owned() => slot,
+                };
+                self.lease_ahead.started(Some(since.elapsed()));
+                slot.map_err(|_| TaskEnd::Unstarted)
+            }
+        }
+    }
+
+    /// Gives `item` back to the queue. Its room is freed at once and its lease no longer
+    /// extended: whatever happens next, it does not wait here for a slot again, and if the
+    /// broker cannot be reached, the lease runs out within one lease duration and the item comes
+    /// back by the reaper.
+    async fn give_back(
+        &self,
+        item: &pb::LeasedItem,
+        held: &Held,
+        leased: &mut Option<Reserved>,
+    ) -> GiveBack {
+        held.set_handled();
+        drop(leased.take());
+        let expires = Instant::now() + self.lease_duration;
         let mut delay = Duration::from_millis(100);
         loop {
-            match through(&self.reports.releases, item.lease_id.clone()).await {
+            if held.is_lost() {
+                tracing::warn!(id = %item.id, "lease lost while giving the item back");
+                return GiveBack::Ended(TaskEnd::Lost);
+            }
+            let error = match through(&self.reports.releases, item.lease_id.clone()).await {
                 Ok(pb::LeaseOutcome::Ok) => {
-                    tracing::info!(id = %item.id, ?window, "waited the prefetch window for a slot; given back");
-                    return Err(TaskEnd::GivenBack);
+                    tracing::info!(
+                        id = %item.id,
+                        window = ?self.lease_ahead.window(),
+                        "waited the prefetch window for a slot; given back"
+                    );
+                    return GiveBack::Ended(TaskEnd::GivenBack);
                 }
                 Ok(_) => {
                     tracing::warn!(id = %item.id, "lease lost while waiting for a slot");
-                    return Err(TaskEnd::Lost);
+                    return GiveBack::Ended(TaskEnd::Lost);
                 }
-                // Refused outright, so not released: still this worker's to run.
-                Err(error) if refused_for_good(&error) => {
-                    tracing::warn!(id = %item.id, %error, "the broker refused to take an item back; running it here");
-                    break;
+                Err(error) => error,
+            };
+            match error.code() {
+                // The token may no longer report anything: running the item would be work
+                // whose outcome cannot be told, and its lease runs out anyway.
+                Some(tonic::Code::Unauthenticated | tonic::Code::PermissionDenied) => {
+                    tracing::warn!(id = %item.id, %error, "the broker refused to take an item back; leaving it to lease expiry");
+                    return GiveBack::Ended(TaskEnd::Lost);
                 }
-                // The broker may have released it without the answer getting here: running it
-                // now could run it twice. Asking again is safe (a second release of the same
-                // lease answers that it is no longer held).
-                Err(error) => {
+                // Refused as such, so not released: still this worker's to run.
+                Some(tonic::Code::Unimplemented | tonic::Code::InvalidArgument) => {
+                    tracing::warn!(id = %item.id, %error, "the broker cannot take an item back; running it here");
+                    held.set_unhandled();
+                    return GiveBack::RunHere;
+                }
+                // The broker may have released it without the answer getting here: running
+                // it now could run it twice. Asking again is safe (a second release of the
+                // same lease answers that it is no longer held).
+                _ => {
                     tracing::warn!(id = %item.id, %error, retry_in = ?delay, "giving an item back failed; asking again");
-                    tokio::select! {
-                        biased;
-                        () = self.shutdown.cancelled() => return Err(TaskEnd::Unstarted),
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    delay = (delay * 2).min(MAX_BACKOFF);
                 }
             }
-        }
-        tokio::select! {
-            biased;
-            () = self.shutdown.cancelled() => Err(TaskEnd::Unstarted),
-            slot = Arc::clone(&self.running).acquire_owned() => slot.map_err(|_| TaskEnd::Unstarted),
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => return GiveBack::Ended(TaskEnd::Unstarted),
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(MAX_BACKOFF);
+            if Instant::now() >= expires {
+                tracing::warn!(id = %item.id, "could not give an item back before its lease ran out; it comes back by the reaper");
+                return GiveBack::Ended(TaskEnd::Lost);
+            }
         }
     }
 
@@ -247,13 +314,30 @@ impl Job {
             .fail(pb::FailRequest {
                 queue: self.queue.clone(),
                 lease_id: item.lease_id.clone(),
-                error: error.to_owned(),
+                error: error_text(error).to_owned(),
                 retry_delay: delay.map(duration),
                 dead_letter,
             })
             .await?;
         Ok(reply.result.map(|r| r.outcome()))
     }
+}
+
+/// Most bytes of error text a Fail call carries: far more than the broker keeps (it cuts the
+/// text to its --max-error-bytes), far less than a gRPC message may hold, so a handler's
+/// error of any size still fails its attempt.
+const MAX_FAIL_ERROR_BYTES: usize = 64 * 1024;
+
+/// `error`, cut to [`MAX_FAIL_ERROR_BYTES`] at a character boundary.
+fn error_text(error: &str) -> &str {
+    if error.len() <= MAX_FAIL_ERROR_BYTES {
+        return error;
+    }
+    let mut end = MAX_FAIL_ERROR_BYTES;
+    while !error.is_char_boundary(end) {
+        end -= 1;
+    }
+    &error[..end]
 }
 
 /// The text a panic was raised with, when it is text.
@@ -349,14 +433,28 @@ async fn send_in_batches<T, F, Fut>(
         for (result, reply) in results.into_iter().zip(replies.by_ref()) {
             let _ = reply.send(Ok(result.outcome()));
         }
-        if let Some(error) = error {
-            let status = match error {
-                wq_client::Error::Status(status) => status,
-                other => tonic::Status::unavailable(other.to_string()),
-            };
-            for reply in replies {
-                let _ = reply.send(Err(status.clone()));
-            }
+        let status = match error {
+            Some(wq_client::Error::Status(status)) => status,
+            Some(other) => tonic::Status::unavailable(other.to_string()),
+            // Every call answered, yet with fewer results than items: the rest have no answer.
+            None => tonic::Status::internal("the broker answered for fewer items than were sent"),
+        };
+        for reply in replies {
+            let _ = reply.send(Err(status.clone()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_text_is_cut_at_a_character_boundary_within_the_bound() {
+        assert_eq!(error_text("short"), "short");
+        let long = "é".repeat(MAX_FAIL_ERROR_BYTES);
+        let cut = error_text(&long);
+        assert!(cut.len() <= MAX_FAIL_ERROR_BYTES && cut.len() > MAX_FAIL_ERROR_BYTES - 2);
+        assert!(cut.chars().all(|c| c == 'é'));
     }
 }

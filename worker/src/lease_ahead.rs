@@ -4,11 +4,12 @@
 //! items), but an item leased ahead waits in this worker while another worker may be idle. With
 //! [`Prefetch::Auto`] the worker leases ahead only as many items as it expects to start within
 //! half the window, judged two ways, the smaller one counting: by its recent handler times (as
-//! if every slot turned over at that pace) and by how often it has actually started an item
-//! lately (slots held by long handlers do not turn over, and a worker that has started nothing
-//! for a while expects to start nothing). It leases nothing ahead until it has timed an item
-//! and seen two start; many items ahead for items of microseconds, none for items that take as
-//! long as the window. An item that still waits for a slot after the whole window (the items
+//! if every slot turned over at that pace) and, once items have had to wait for a slot, by how
+//! often a waiting item actually got one (slots held by long handlers do not turn over, and
+//! while items wait, a stretch without any start counts as a slow one). Starts of items that
+//! found a slot free say nothing about the slots (the time before them is the broker's or the
+//! queue's), so they are not counted. It leases nothing ahead until it has timed an item; many
+//! items ahead for items of microseconds, none for items that take as long as the window. An item that still waits for a slot after the whole window (the items
 //! before it ran longer than their history said) is given back to the queue, where any worker
 //! may take it, and leasing ahead stops until items start quickly again. [`Prefetch::Fixed`]
 //! leases a fixed number ahead and never gives items back.
@@ -76,13 +77,29 @@ impl std::str::FromStr for Prefetch {
 }
 
 /// The worker's recent pace, from which it judges how many items to lease ahead.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Pace {
     /// Mean handler time in seconds, newest weighted most; None until one has been timed.
     handler_time: Option<f64>,
-    /// Mean time between two handler starts in seconds; None until two have started.
+    /// Mean time before a start of an item that waited for a slot, since the start before it,
+    /// in seconds; None until an item has waited.
     start_interval: Option<f64>,
     last_start: Option<Instant>,
+    /// Most items to lease ahead: halved when a waiting item got its slot late (after half the
+    /// window), doubled when on time, 1 after an item overstayed (so that leasing ahead
+    /// starts again small, as a TCP window does).
+    limit: usize,
+}
+
+impl Default for Pace {
+    fn default() -> Self {
+        Self {
+            handler_time: None,
+            start_interval: None,
+            last_start: None,
+            limit: MAX_AUTO_AHEAD,
+        }
+    }
 }
 
 /// The items a worker holds and how many more it may lease.
@@ -93,6 +110,8 @@ pub(crate) struct LeaseAhead {
     pace: Mutex<Pace>,
     /// Items leased (or being leased) whose handler has not finished.
     held: AtomicUsize,
+    /// Items waiting for a slot.
+    waiting: AtomicUsize,
     /// Signalled whenever room may have grown.
     freed: Notify,
 }
@@ -117,6 +136,7 @@ impl LeaseAhead {
             concurrency: concurrency.max(1) as usize,
             pace: Mutex::new(Pace::default()),
             held: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
             freed: Notify::new(),
         })
     }
@@ -135,20 +155,26 @@ impl LeaseAhead {
             Prefetch::Fixed(n) => n as usize,
             Prefetch::Auto { window } => {
                 let Ok(pace) = self.pace.lock() else { return 0 };
-                let (Some(handler_time), Some(interval), Some(last_start)) =
-                    (pace.handler_time, pace.start_interval, pace.last_start)
-                else {
+                let Some(handler_time) = pace.handler_time else {
                     return 0;
                 };
                 let half = window.as_secs_f64() / 2.0;
                 // The last of `ahead` items waits for about ahead × handler time / slots, if
                 // every slot turns over at the handlers' pace...
                 let by_handlers = half * self.concurrency as f64 / handler_time.max(1e-7);
-                // ...and for ahead × the time between starts, as the worker actually starts
-                // them (nothing started for a while counts as a long interval).
-                let interval = interval.max(last_start.elapsed().as_secs_f64());
-                let by_starts = half / interval.max(1e-7);
-                (by_handlers.min(by_starts).floor() as usize).min(MAX_AUTO_AHEAD)
+                // ...and for ahead × the time between starts, as waiting items actually get
+                // slots (while some wait, nothing started for a while counts as a long
+                // interval).
+                let by_starts = pace.start_interval.map_or(f64::INFINITY, |interval| {
+                    let stalled = match pace.last_start {
+                        Some(last) if self.waiting.load(Ordering::SeqCst) > 0 => {
+                            last.elapsed().as_secs_f64()
+                        }
+                        _ => 0.0,
+                    };
+                    half / interval.max(stalled).max(1e-7)
+                });
+                (by_handlers.min(by_starts).floor() as usize).min(pace.limit)
             }
         }
     }
@@ -193,16 +219,32 @@ impl LeaseAhead {
         }
     }
 
-    /// Records that a handler starts now.
-    pub(crate) fn started(&self) {
+    /// An item starts waiting for a slot; the guard says when it stops.
+    pub(crate) fn waiting(self: &Arc<Self>) -> Waiting {
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        Waiting {
+            lease_ahead: Arc::clone(self),
+        }
+    }
+
+    /// Records that a handler starts now, after its item waited `waited` for the slot (None
+    /// when the slot was free).
+    pub(crate) fn started(&self, waited: Option<Duration>) {
+        let half = self.window().map(|window| window / 2);
         if let Ok(mut pace) = self.pace.lock() {
             let now = Instant::now();
-            if let Some(last) = pace.last_start {
+            if let (Some(waited), Some(last)) = (waited, pace.last_start) {
                 let interval = now.duration_since(last).as_secs_f64();
                 pace.start_interval = Some(weigh_in(pace.start_interval, interval));
+                pace.limit = match half {
+                    Some(half) if waited > half => (pace.limit / 2).max(1),
+                    _ => (pace.limit * 2).min(MAX_AUTO_AHEAD),
+                };
             }
             pace.last_start = Some(now);
         }
+        // A shorter interval may have made room.
+        self.freed.notify_one();
     }
 
     /// Records how long a handler took.
@@ -214,15 +256,16 @@ impl LeaseAhead {
     }
 
     /// An item waited the whole window: the worker starts items more slowly than it judged.
-    /// Both means are raised so that nothing is leased ahead until items have started quickly
-    /// (and finished quickly) for a while again.
+    /// The handler time is raised so that nothing is leased ahead until items have finished
+    /// quickly for a while again; then leasing ahead starts again at one item, growing while
+    /// items get their slot on time, and the start intervals are measured afresh.
     pub(crate) fn overstayed(&self) {
         let Some(window) = self.window() else { return };
         if let Ok(mut pace) = self.pace.lock() {
-            let window = window.as_secs_f64();
-            let slowest = window * self.concurrency as f64;
+            let slowest = window.as_secs_f64() * self.concurrency as f64;
             pace.handler_time = Some(pace.handler_time.map_or(slowest, |m| m.max(slowest)));
-            pace.start_interval = Some(pace.start_interval.map_or(window, |m| m.max(window)));
+            pace.start_interval = None;
+            pace.limit = 1;
         }
     }
 
@@ -231,6 +274,18 @@ impl LeaseAhead {
             self.held.fetch_sub(count, Ordering::SeqCst);
             self.freed.notify_one();
         }
+    }
+}
+
+/// An item waiting for a slot, counted until dropped.
+#[derive(Debug)]
+pub(crate) struct Waiting {
+    lease_ahead: Arc<LeaseAhead>,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.lease_ahead.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -276,24 +331,23 @@ mod tests {
         }
     }
 
-    /// Two items started back to back, then one timed at `took`.
+    /// Two items started back to back (the second after waiting), then one timed at `took`.
     fn paced(ahead: &LeaseAhead, took: Duration) {
-        ahead.started();
-        ahead.started();
+        ahead.started(None);
+        ahead.started(Some(Duration::ZERO));
         ahead.timed(took);
     }
 
     #[test]
-    fn nothing_is_leased_ahead_before_an_item_is_timed_and_two_have_started() {
+    fn nothing_is_leased_ahead_before_an_item_is_timed() {
         let ahead = LeaseAhead::new(auto(100), 4);
         assert_eq!(
             (ahead.ahead(), ahead.room(), ahead.worth_a_call()),
             (0, 4, 1)
         );
-        ahead.started();
+        ahead.started(None);
+        assert_eq!(ahead.ahead(), 0);
         ahead.timed(Duration::from_micros(5));
-        assert_eq!(ahead.ahead(), 0, "one start says nothing about the pace");
-        ahead.started();
         assert_eq!(ahead.ahead(), MAX_AUTO_AHEAD);
     }
 
@@ -316,20 +370,38 @@ mod tests {
 
     #[test]
     fn slots_that_do_not_turn_over_count_through_the_starts() {
-        // Short handlers, but items start only every 20 ms or more (the other slots are
-        // busy with long items): at most 25 in half a second.
+        // Short handlers, but waiting items get a slot only every 20 ms or more (the other
+        // slots are busy with long items): at most 25 in half a second.
         let ahead = LeaseAhead::new(auto(1000), 16);
-        ahead.started();
+        ahead.started(None);
         std::thread::sleep(Duration::from_millis(20));
-        ahead.started();
+        ahead.started(Some(Duration::ZERO));
         ahead.timed(Duration::from_micros(1));
         let judged = ahead.ahead();
         assert!((1..=25).contains(&judged), "{judged}");
-        // A worker that starts nothing for longer than half the window expects nothing.
-        let idle = LeaseAhead::new(auto(20), 1);
-        paced(&idle, Duration::from_micros(1));
+        // While an item waits, a stretch without starts longer than half the window means
+        // nothing more is expected to start soon...
+        let stuck = LeaseAhead::new(auto(20), 1);
+        paced(&stuck, Duration::from_micros(1));
+        let waiting = stuck.waiting();
         std::thread::sleep(Duration::from_millis(15));
-        assert_eq!(idle.ahead(), 0);
+        assert_eq!(stuck.ahead(), 0);
+        // ...but with nothing waiting, the stretch is the broker's or the queue's, not slow
+        // slots.
+        drop(waiting);
+        assert_eq!(stuck.ahead(), MAX_AUTO_AHEAD);
+    }
+
+    #[test]
+    fn starts_of_items_that_found_a_slot_free_do_not_count() {
+        // One slot and a slow broker: each start comes a long round trip after the previous
+        // one, but the items never waited, so the slots are not the limit.
+        let ahead = LeaseAhead::new(auto(100), 1);
+        ahead.started(None);
+        std::thread::sleep(Duration::from_millis(60));
+        ahead.started(None);
+        ahead.timed(Duration::from_micros(5));
+        assert_eq!(ahead.ahead(), MAX_AUTO_AHEAD);
     }
 
     #[test]
@@ -342,7 +414,7 @@ mod tests {
         assert_eq!(ahead.ahead(), 0);
         // ...and short items bring it back.
         for _ in 0..80 {
-            ahead.started();
+            ahead.started(Some(Duration::ZERO));
             ahead.timed(Duration::from_micros(10));
         }
         assert_eq!(ahead.ahead(), MAX_AUTO_AHEAD);
@@ -356,10 +428,26 @@ mod tests {
         ahead.overstayed();
         assert_eq!(ahead.ahead(), 0);
         for _ in 0..60 {
-            ahead.started();
+            ahead.started(Some(Duration::ZERO));
             ahead.timed(Duration::from_millis(1));
         }
         assert!(ahead.ahead() > 100, "{}", ahead.ahead());
+    }
+
+    #[test]
+    fn items_that_get_their_slot_late_halve_the_limit_and_on_time_ones_double_it() {
+        let ahead = LeaseAhead::new(auto(100), 4);
+        paced(&ahead, Duration::from_micros(1));
+        ahead.overstayed();
+        for _ in 0..60 {
+            ahead.timed(Duration::from_micros(1));
+        }
+        assert_eq!(ahead.ahead(), 1, "leasing ahead starts again at one item");
+        ahead.started(Some(Duration::from_millis(1)));
+        ahead.started(Some(Duration::from_millis(1)));
+        assert_eq!(ahead.ahead(), 4);
+        ahead.started(Some(Duration::from_millis(80)));
+        assert_eq!(ahead.ahead(), 2);
     }
 
     #[test]

@@ -49,7 +49,7 @@ pub struct RunSummary {
 /// Lease failures that no retry can fix: settings that cannot work (TLS that fails for good:
 /// an untrusted broker certificate, a missing or refused client certificate, a URL scheme the
 /// port does not speak) and the status codes of a caller the broker refuses.
-pub(crate) fn refused_for_good(error: &wq_client::Error) -> bool {
+fn refused_for_good(error: &wq_client::Error) -> bool {
     use tonic::Code;
     error.is_settings_error()
         || matches!(
@@ -157,6 +157,7 @@ impl Worker {
             reports,
             running,
             lease_ahead: Arc::clone(&lease_ahead),
+            lease_duration: self.config.lease_duration,
             shutdown: shutdown.clone(),
         });
         // Lowered when the broker's --max-lease-items is smaller (it answers INVALID_ARGUMENT).
@@ -339,7 +340,9 @@ fn tally(summary: &mut RunSummary, ended: Result<TaskEnd, tokio::task::JoinError
         Ok(TaskEnd::GivenBack) => summary.given_back += 1,
         Ok(TaskEnd::Unstarted) => {}
         Err(error) if error.is_panic() => {
-            tracing::error!("a handler panicked; its item will be released or reclaimed");
+            // Handlers' panics are caught in the task (they fail the attempt); this is the
+            // worker's own code.
+            tracing::error!("an item's task panicked; its item will be released or reclaimed");
         }
         Err(_) => {}
     }

@@ -7,11 +7,6 @@ use wq_server::{
     connection::{RedisMode, RedisTarget},
 };
 
-// The broker allocates and frees small buffers for every request and Redis reply; mimalloc
-// serves that pattern with less CPU than the system allocator (docs/PERFORMANCE.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
