@@ -9,10 +9,13 @@
 //! while items wait, a stretch without any start counts as a slow one). Starts of items that
 //! found a slot free say nothing about the slots (the time before them is the broker's or the
 //! queue's), so they are not counted. It leases nothing ahead until it has timed an item; many
-//! items ahead for items of microseconds, none for items that take as long as the window. An item that still waits for a slot after the whole window (the items
-//! before it ran longer than their history said) is given back to the queue, where any worker
-//! may take it, and leasing ahead stops until items start quickly again. [`Prefetch::Fixed`]
-//! leases a fixed number ahead and never gives items back.
+//! items ahead for items of microseconds, none for items that take as long as the window.
+//!
+//! An item that still waits for a slot after the whole window (the items before it ran longer
+//! than their history said) is given back to the queue, where any worker may take it; leasing
+//! ahead then stops until items finish quickly again, starts again at one item, and grows
+//! (doubling) only while waiting items get their slot within half the window.
+//! [`Prefetch::Fixed`] leases a fixed number ahead and never gives items back.
 
 use std::{
     sync::{

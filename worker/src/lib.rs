@@ -1,8 +1,9 @@
 //! wq-worker: leases items from a wq broker and runs a handler on each.
 //!
 //! A [`Worker`] keeps up to `concurrency` handlers running, and leases items ahead of them as
-//! its [`Prefetch`] says: by default as many as its recent handler times say it will start
-//! within 50 ms, giving an item back to the queue if it waits 100 ms for a slot. It leases as many items as it has room for in one call, extends the
+//! its [`Prefetch`] says: by default as many as its recent handler times and item starts say
+//! it will start within 50 ms, giving an item back to the queue if it waits 100 ms for a slot
+//! (see [`lease_ahead`]). It leases as many items as it has room for in one call, extends the
 //! leases of all held items in the background (one heartbeat call at a third of the lease
 //! duration), reports the handler's [`Outcome`] (completions batched), and exits according to
 //! its [`ExitPolicy`]: when the queue is drained (the Kubernetes example's `while not q.empty()`),
