@@ -2,7 +2,7 @@
 //!
 //! An item is held from the moment its lease is granted until its outcome is reported, so a
 //! shutdown can release whatever is unfinished. While it waits for a free slot or its handler
-//! runs, its lease is extended: one ExtendLease call per period for all such items together (in
+//! runs (not while it is being given back to the queue), its lease is extended: one ExtendLease call per period for all such items together (in
 //! chunks the broker accepts), rather than a timer and a call per item.
 
 use std::{

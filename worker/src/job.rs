@@ -41,7 +41,8 @@ pub(crate) enum TaskEnd {
     Completed,
     Failed,
     Lost,
-    /// Shutdown came before a slot was free: the item is still held, for release.
+    /// Shutdown came before a slot was free (or while the item was being given back): the
+    /// item is still held, for release.
     Unstarted,
     /// It waited the whole prefetch window for a slot and went back to the queue.
     GivenBack,
@@ -72,7 +73,8 @@ pub(crate) struct Job {
 impl Job {
     /// Runs `handler` on `item` once a slot is free and reports the outcome. `held` is the
     /// item's entry in [`InWork`]; `leased` is its room among the worker's held items, given
-    /// back as soon as the handler is done so that the next Lease call overlaps this report.
+    /// back as soon as the handler is done (so that the next Lease call overlaps this report),
+    /// or when the item is given back to the queue.
     pub(crate) async fn process<H: Handler>(
         &self,
         handler: &H,
@@ -161,21 +163,24 @@ impl Job {
         match self.give_back(item, held, leased).await {
             GiveBack::Ended(ended) => Err(ended),
             GiveBack::RunHere => {
+                // Its room again, so the worker does not lease another item in its place.
+                *leased = Some(self.lease_ahead.reserve(1));
                 let slot = tokio::select! {
                     biased;
                     () = self.shutdown.cancelled() => return Err(TaskEnd::Unstarted),
                     slot = Arc::clone(&self.running).acquire_owned() => slot,
                 };
-                self.lease_ahead.started(Some(since.elapsed()));
+                // Not a measure of the slots' pace: the wait included the give-back.
+                self.lease_ahead.started(None);
                 slot.map_err(|_| TaskEnd::Unstarted)
             }
         }
     }
 
     /// Gives `item` back to the queue. Its room is freed at once and its lease no longer
-    /// extended: whatever happens next, it does not wait here for a slot again, and if the
-    /// broker cannot be reached, the lease runs out within one lease duration and the item comes
-    /// back by the reaper.
+    /// extended, so if the broker cannot be reached, the lease runs out within one lease
+    /// duration and the item comes back by the reaper. Only a broker that refuses Release as
+    /// such (at once, while the lease surely still holds) gets the item run here after all.
     async fn give_back(
         &self,
         item: &pb::LeasedItem,
@@ -184,7 +189,7 @@ impl Job {
     ) -> GiveBack {
         held.set_handled();
         drop(leased.take());
-        let expires = Instant::now() + self.lease_duration;
+        let started = Instant::now();
         let mut delay = Duration::from_millis(100);
         loop {
             if held.is_lost() {
@@ -213,8 +218,11 @@ impl Job {
                     tracing::warn!(id = %item.id, %error, "the broker refused to take an item back; leaving it to lease expiry");
                     return GiveBack::Ended(TaskEnd::Lost);
                 }
-                // Refused as such, so not released: still this worker's to run.
-                Some(tonic::Code::Unimplemented | tonic::Code::InvalidArgument) => {
+                // Refused as such, so not released: still this worker's to run, while its lease
+                // (no longer extended) surely holds.
+                Some(tonic::Code::Unimplemented | tonic::Code::InvalidArgument)
+                    if started.elapsed() < self.lease_duration / 3 =>
+                {
                     tracing::warn!(id = %item.id, %error, "the broker cannot take an item back; running it here");
                     held.set_unhandled();
                     return GiveBack::RunHere;
@@ -232,7 +240,7 @@ impl Job {
                 () = tokio::time::sleep(delay) => {}
             }
             delay = (delay * 2).min(MAX_BACKOFF);
-            if Instant::now() >= expires {
+            if started.elapsed() >= self.lease_duration {
                 tracing::warn!(id = %item.id, "could not give an item back before its lease ran out; it comes back by the reaper");
                 return GiveBack::Ended(TaskEnd::Lost);
             }

@@ -84,8 +84,8 @@ impl std::str::FromStr for Prefetch {
 struct Pace {
     /// Mean handler time in seconds, newest weighted most; None until one has been timed.
     handler_time: Option<f64>,
-    /// Mean time before a start of an item that waited for a slot, since the start before it,
-    /// in seconds; None until an item has waited.
+    /// Mean time before a start of an item that waited for a slot, since the start before it
+    /// (at most the wait), in seconds; None while items find slots free, and after an overstay.
     start_interval: Option<f64>,
     last_start: Option<Instant>,
     /// Most items to lease ahead: halved when a waiting item got its slot late (after half the
@@ -236,13 +236,23 @@ impl LeaseAhead {
         let half = self.window().map(|window| window / 2);
         if let Ok(mut pace) = self.pace.lock() {
             let now = Instant::now();
-            if let (Some(waited), Some(last)) = (waited, pace.last_start) {
-                let interval = now.duration_since(last).as_secs_f64();
-                pace.start_interval = Some(weigh_in(pace.start_interval, interval));
-                pace.limit = match half {
-                    Some(half) if waited > half => (pace.limit / 2).max(1),
-                    _ => (pace.limit * 2).min(MAX_AUTO_AHEAD),
-                };
+            match (waited, pace.last_start) {
+                (Some(waited), Some(last)) => {
+                    // Only the wait is the slots' doing: before it, the item was not here yet.
+                    let interval = now.duration_since(last).min(waited).as_secs_f64();
+                    pace.start_interval = Some(weigh_in(pace.start_interval, interval));
+                    pace.limit = match half {
+                        Some(half) if waited > half => (pace.limit / 2).max(1),
+                        _ => (pace.limit * 2).min(MAX_AUTO_AHEAD),
+                    };
+                }
+                // A free slot: the slots are not what holds items up, so what was measured of
+                // them is stale, and the item was on time.
+                (None, _) if self.waiting.load(Ordering::SeqCst) == 0 => {
+                    pace.start_interval = None;
+                    pace.limit = (pace.limit * 2).min(MAX_AUTO_AHEAD);
+                }
+                _ => {}
             }
             pace.last_start = Some(now);
         }
@@ -378,7 +388,7 @@ mod tests {
         let ahead = LeaseAhead::new(auto(1000), 16);
         ahead.started(None);
         std::thread::sleep(Duration::from_millis(20));
-        ahead.started(Some(Duration::ZERO));
+        ahead.started(Some(Duration::from_millis(20)));
         ahead.timed(Duration::from_micros(1));
         let judged = ahead.ahead();
         assert!((1..=25).contains(&judged), "{judged}");
@@ -393,6 +403,20 @@ mod tests {
         // slots.
         drop(waiting);
         assert_eq!(stuck.ahead(), MAX_AUTO_AHEAD);
+    }
+
+    #[test]
+    fn a_slow_stretch_is_forgotten_once_items_find_slots_free_again() {
+        let ahead = LeaseAhead::new(auto(100), 1);
+        ahead.started(None);
+        ahead.timed(Duration::from_micros(5));
+        std::thread::sleep(Duration::from_millis(60));
+        // An item that waited 60 ms behind a long one: slow slots, nothing ahead...
+        ahead.started(Some(Duration::from_millis(60)));
+        assert_eq!(ahead.ahead(), 0);
+        // ...until an item finds its slot free, which says the slots are not the limit now.
+        ahead.started(None);
+        assert_eq!(ahead.ahead(), MAX_AUTO_AHEAD);
     }
 
     #[test]

@@ -36,6 +36,9 @@ pub use lease_ahead::Prefetch;
 pub use worker::{RunSummary, Worker};
 pub use wq_client::pb::LeasedItem;
 
+/// The lease duration a worker asks for unless told otherwise.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+
 /// What a handler decided about one item.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -81,7 +84,8 @@ pub struct WorkerConfig {
     /// next Lease call is in flight, at the cost of holding items another worker could be
     /// running; [`Prefetch::Auto`] (the default) does it only for short items.
     pub prefetch: Prefetch,
-    /// Lease duration asked for; heartbeats extend it while a handler runs.
+    /// Lease duration asked for; heartbeats extend it while a handler runs. Zero counts as the
+    /// default, 30 s.
     pub lease_duration: Duration,
     /// How long one Lease call waits for work.
     pub max_wait: Duration,
@@ -101,7 +105,7 @@ impl WorkerConfig {
             queue: queue.into(),
             concurrency: 1,
             prefetch: Prefetch::default(),
-            lease_duration: Duration::from_secs(30),
+            lease_duration: DEFAULT_LEASE,
             max_wait: Duration::from_secs(5),
             exit: ExitPolicy::Drained,
             shutdown_grace: Duration::from_secs(20),

@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use wq_client::{Client, duration, pb};
 
 use crate::{
-    ExitPolicy, Handler, WorkerConfig, chunked,
+    DEFAULT_LEASE, ExitPolicy, Handler, WorkerConfig, chunked,
     in_work::{self, InWork},
     job::{self, Job, MAX_BACKOFF, MAX_COMPLETE_BATCH, Reports, TaskEnd},
     lease_ahead::LeaseAhead,
@@ -74,6 +74,10 @@ impl Worker {
     /// Creates a worker using `client`.
     pub fn new(client: Client, mut config: WorkerConfig) -> Self {
         config.concurrency = config.concurrency.max(1);
+        // The heartbeat beats at a third of it, and a give-back gives up after it.
+        if config.lease_duration.is_zero() {
+            config.lease_duration = DEFAULT_LEASE;
+        }
         if config.worker_id.is_empty() {
             config.worker_id = uuid::Uuid::new_v4().to_string();
         }
