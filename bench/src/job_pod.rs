@@ -18,8 +18,6 @@ use anyhow::Context as _;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use wq_client::Client;
 
-use crate::cluster::Counters;
-
 /// How long the worker may take to start and reach the broker.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a drain may take before the phase gives up.
@@ -67,10 +65,7 @@ pub(crate) async fn run(
     concurrency: u32,
     args: &crate::Args,
 ) -> anyhow::Result<Report> {
-    let before = match redis_url {
-        Some(url) => Some(Counters::read(url).await?),
-        None => None,
-    };
+    let before = crate::redis_counters(redis_url).await?;
     let fill_seconds = crate::fill(client, queue, args.items, args).await?;
     client.pause(queue).await?;
     let mut worker = tokio::process::Command::new(binary)
@@ -130,10 +125,7 @@ pub(crate) async fn run(
         "wq-worker exited with {status}; its first log lines:\n{}",
         log.join("\n")
     );
-    let after = match redis_url {
-        Some(url) => Some(Counters::read(url).await?),
-        None => None,
-    };
+    let after = crate::redis_counters(redis_url).await?;
     let state = client.queue_state(queue).await?;
     anyhow::ensure!(
         state.drained && state.completed_total == args.items as u64,
@@ -143,12 +135,9 @@ pub(crate) async fn run(
         state.completed_total,
         args.items
     );
-    let redis_us_per_item = before
-        .zip(after)
-        .map(|(before, after)| after.since(&before).cpu() * 1e6 / args.items as f64);
     Ok(Report {
         drain_seconds,
         fill_seconds,
-        redis_us_per_item,
+        redis_us_per_item: crate::redis_us_per_item(before, after, args.items),
     })
 }

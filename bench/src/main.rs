@@ -385,9 +385,7 @@ async fn main() -> anyhow::Result<()> {
                 workers,
                 items: args.items,
                 seconds,
-                redis_us_per_item: before
-                    .zip(after)
-                    .map(|(b, a)| a.since(&b).cpu() * 1e6 / args.items as f64),
+                redis_us_per_item: redis_us_per_item(before, after, args.items),
             });
         }
 
@@ -673,6 +671,16 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(private_cluster);
     Ok(())
+}
+
+/// Redis CPU microseconds per item between two readings of [`redis_counters`], when both exist.
+fn redis_us_per_item(
+    before: Option<cluster::Counters>,
+    after: Option<cluster::Counters>,
+    items: usize,
+) -> Option<f64> {
+    let (before, after) = before.zip(after)?;
+    Some(after.since(&before).cpu() * 1e6 / items as f64)
 }
 
 /// The counters of the one Redis server, when there is one to read.
