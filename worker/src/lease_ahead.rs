@@ -30,6 +30,10 @@ use tokio::sync::Notify;
 /// Most items leased ahead of the slots with [`Prefetch::Auto`]: enough for Lease calls of a
 /// hundred items and more, which is where a batch stops paying in Redis.
 pub const MAX_AUTO_AHEAD: usize = 256;
+/// With [`Prefetch::Auto`], nothing more is leased ahead while the payloads of the items held
+/// (waiting or running) come to this much: items of a megabyte must not fill a pod's memory by
+/// the hundred because they are quick.
+pub const MAX_AUTO_AHEAD_BYTES: usize = 16 * 1024 * 1024;
 /// The default [`Prefetch::Auto`] window.
 pub const DEFAULT_WINDOW: Duration = Duration::from_millis(100);
 /// The shortest [`Prefetch::Auto`] window: a shorter one would give items back before a slot
@@ -113,6 +117,8 @@ pub(crate) struct LeaseAhead {
     pace: Mutex<Pace>,
     /// Items leased (or being leased) whose handler has not finished.
     held: AtomicUsize,
+    /// Payload bytes of the held items whose room was split off to them.
+    held_bytes: AtomicUsize,
     /// Items waiting for a slot.
     waiting: AtomicUsize,
     /// Signalled whenever room may have grown.
@@ -139,6 +145,7 @@ impl LeaseAhead {
             concurrency: concurrency.max(1) as usize,
             pace: Mutex::new(Pace::default()),
             held: AtomicUsize::new(0),
+            held_bytes: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             freed: Notify::new(),
         })
@@ -157,6 +164,9 @@ impl LeaseAhead {
         match self.prefetch {
             Prefetch::Fixed(n) => n as usize,
             Prefetch::Auto { window } => {
+                if self.held_bytes.load(Ordering::SeqCst) >= MAX_AUTO_AHEAD_BYTES {
+                    return 0;
+                }
                 let Ok(pace) = self.pace.lock() else { return 0 };
                 let Some(handler_time) = pace.handler_time else {
                     return 0;
@@ -219,6 +229,7 @@ impl LeaseAhead {
         Reserved {
             lease_ahead: Arc::clone(self),
             count,
+            bytes: 0,
         }
     }
 
@@ -307,6 +318,8 @@ impl Drop for Waiting {
 pub(crate) struct Reserved {
     lease_ahead: Arc<LeaseAhead>,
     count: usize,
+    /// Payload bytes of the item this room went to (split-off room only).
+    bytes: usize,
 }
 
 impl Reserved {
@@ -315,21 +328,28 @@ impl Reserved {
         self.count
     }
 
-    /// One item's room, split off; None when none is left.
-    pub(crate) fn split_one(&mut self) -> Option<Reserved> {
+    /// One item's room, split off to an item of `bytes` payload bytes; None when none is left.
+    pub(crate) fn split_one(&mut self, bytes: usize) -> Option<Reserved> {
         if self.count == 0 {
             return None;
         }
         self.count -= 1;
+        self.lease_ahead
+            .held_bytes
+            .fetch_add(bytes, Ordering::SeqCst);
         Some(Reserved {
             lease_ahead: Arc::clone(&self.lease_ahead),
             count: 1,
+            bytes,
         })
     }
 }
 
 impl Drop for Reserved {
     fn drop(&mut self) {
+        self.lease_ahead
+            .held_bytes
+            .fetch_sub(self.bytes, Ordering::SeqCst);
         self.lease_ahead.give_back(self.count);
     }
 }
@@ -478,6 +498,25 @@ mod tests {
     }
 
     #[test]
+    fn nothing_more_is_leased_ahead_while_the_held_payloads_are_large() {
+        let ahead = LeaseAhead::new(auto(100), 1);
+        paced(&ahead, Duration::from_micros(1));
+        assert_eq!(ahead.ahead(), MAX_AUTO_AHEAD);
+        let mut reserved = ahead.reserve(20);
+        let big: Vec<_> = (0..16)
+            .filter_map(|_| reserved.split_one(1024 * 1024))
+            .collect();
+        assert_eq!(ahead.ahead(), 0, "16 MiB held");
+        drop(big);
+        assert_eq!(ahead.ahead(), MAX_AUTO_AHEAD);
+        // A fixed prefetch is the caller's choice, whatever the sizes.
+        let fixed = LeaseAhead::new(Prefetch::Fixed(8), 1);
+        let mut reserved = fixed.reserve(1);
+        let _big = reserved.split_one(MAX_AUTO_AHEAD_BYTES);
+        assert_eq!(fixed.ahead(), 8);
+    }
+
+    #[test]
     fn a_window_below_the_minimum_counts_as_the_minimum() {
         let ahead = LeaseAhead::new(
             Prefetch::Auto {
@@ -507,7 +546,7 @@ mod tests {
         let ahead = LeaseAhead::new(Prefetch::Fixed(0), 4);
         let mut reserved = ahead.reserve(3);
         assert_eq!(ahead.room(), 1);
-        let one = reserved.split_one();
+        let one = reserved.split_one(10);
         assert!(one.is_some());
         drop(reserved);
         assert_eq!(ahead.room(), 3);

@@ -243,7 +243,7 @@ impl Worker {
             top_up =
                 asked == lease_cap && reply.items.len() == asked as usize && lease_ahead.room() > 0;
             for item in reply.items {
-                let Some(leased) = held.split_one() else {
+                let Some(leased) = held.split_one(item.payload.len()) else {
                     break;
                 };
                 let item_held = in_work.hold(&item.lease_id);
